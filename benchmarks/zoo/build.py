@@ -1,0 +1,132 @@
+"""``python -m benchmarks.zoo build``: data -> base -> prototype heads -> fine-tuned task models.
+
+Cache layout (default ``benchmarks/cache/zoo``; ``--quick`` defaults to ``benchmarks/cache/zoo_quick``)::
+
+    base.safetensors            copy of the committed base
+    data/<task>.npz             x_train, y_train, x_test, y_test, classes, recipe_hash
+    heads/head_<task>.safetensors
+    tasks/<task>.safetensors    fine-tuned encoder, base format
+    results.json                accuracies of base and fine-tuned models
+
+Each artifact stores the hash of what it was built from and is rebuilt when that changes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from . import config, datasets
+from .finetune import finetune
+from .heads import accuracy, balanced_subset, fit_prototypes, load_head, save_head
+from .model import load_encoder, load_state, save_encoder
+from .pretrain import BASE_PATH
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_CACHE = os.path.join(REPO, "benchmarks", "cache", "zoo")
+QUICK_CACHE = os.path.join(REPO, "benchmarks", "cache", "zoo_quick")
+
+
+def _meta(path: str) -> dict[str, str]:
+    if not os.path.exists(path):
+        return {}
+    with safe_open(path, framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def _fresh(path: str, h: str) -> bool:
+    return _meta(path).get("zoo_hash") == h
+
+
+def hashes(rec: dict[str, Any], base_digest: str, task: str) -> dict[str, str]:
+    """Hashes of each stage for one task; later stages chain the earlier ones."""
+    data = config.digest("data", rec["seed"], rec["data"], task)
+    head = config.digest("head", data, base_digest, rec["heads"])
+    ft = config.digest("ft", head, rec["finetune"])
+    return {"data": data, "head": head, "ft": ft}
+
+
+def load_data(task: str, cache: str, rec: dict[str, Any], h: str) -> datasets.Split:
+    path = os.path.join(cache, "data", f"{task}.npz")
+    if os.path.exists(path):
+        with np.load(path) as z:
+            if str(z["recipe_hash"]) == h:
+                return {k: z[k] for k in z.files if k != "recipe_hash"}
+    d = rec["data"]
+    data = datasets.build_task(task, d["n_train"], d["n_test"], rec["seed"])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, recipe_hash=np.array(h), **data)
+    os.replace(tmp, path)
+    return data
+
+
+def build(cache: str, quick: bool = False, tasks: tuple[str, ...] = datasets.TASKS, base_path: str = BASE_PATH) -> dict[str, Any]:
+    """Build (or reuse) everything under ``cache``; return per-task accuracies."""
+    rec = config.recipe(quick)
+    torch.set_num_threads(rec["finetune"]["threads"])
+    t0 = time.time()
+    os.makedirs(os.path.join(cache, "heads"), exist_ok=True)
+    os.makedirs(os.path.join(cache, "tasks"), exist_ok=True)
+    cached_base = os.path.join(cache, "base.safetensors")
+    base_digest = config.file_digest(base_path)
+    if not os.path.exists(cached_base) or config.file_digest(cached_base) != base_digest:
+        shutil.copyfile(base_path, cached_base)
+    base = load_encoder(cached_base)
+    arch_meta = {k: v for k, v in _meta(cached_base).items() if k != "recipe"}
+    arch = {k: (float(v) if k == "mlp_ratio" else int(v)) for k, v in arch_meta.items() if k != "activation"}
+    results: dict[str, Any] = {"quick": quick, "recipe": rec, "tasks": {}}
+    for ti, task in enumerate(tqdm(tasks, desc="zoo tasks")):
+        h = hashes(rec, base_digest, task)
+        data = load_data(task, cache, rec, h["data"])
+        classes = [str(c) for c in data["classes"]]
+        head_path = os.path.join(cache, "heads", f"head_{task}.safetensors")
+        if not _fresh(head_path, h["head"]):
+            idx = balanced_subset(data["y_train"], rec["heads"]["per_class"], rec["seed"])
+            w = fit_prototypes(base, data["x_train"][idx], data["y_train"][idx], len(classes), rec["heads"]["logit_scale"])
+            save_head(head_path, w, task, classes, {"zoo_hash": h["head"], "logit_scale": str(rec["heads"]["logit_scale"])})
+        weight, bias, _ = load_head(head_path)
+        task_path = os.path.join(cache, "tasks", f"{task}.safetensors")
+        if not _fresh(task_path, h["ft"]):
+            model = finetune(base, weight, data["x_train"], data["y_train"], rec["finetune"],
+                             seed=rec["seed"] * 100 + ti, desc=f"finetune {task}")
+            save_encoder(model, task_path, arch, {"zoo_hash": h["ft"], "task": task})
+        tuned = load_encoder(task_path)
+        acc_base = accuracy(base, weight, data["x_test"], data["y_test"], bias)
+        acc_ft = accuracy(tuned, weight, data["x_test"], data["y_test"], bias)
+        results["tasks"][task] = {"pretrained": round(acc_base, 4), "finetuned": round(acc_ft, 4),
+                                  "n_train": int(len(data["y_train"])), "n_test": int(len(data["y_test"])),
+                                  "n_classes": len(classes)}
+        tqdm.write(f"{task:10s} pretrained {100 * acc_base:5.1f}  finetuned {100 * acc_ft:5.1f}")
+    accs = results["tasks"].values()
+    results["mean"] = {k: round(float(np.mean([a[k] for a in accs])), 4) for k in ("pretrained", "finetuned")}
+    results["seconds"] = round(time.time() - t0, 1)
+    print(f"{'mean':10s} pretrained {100 * results['mean']['pretrained']:5.1f}  "
+          f"finetuned {100 * results['mean']['finetuned']:5.1f}   ({results['seconds']:.0f}s)")
+    with open(os.path.join(cache, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.zoo", description="Build the embedded benchmark zoo.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build data, heads and fine-tuned task models")
+    b.add_argument("--quick", action="store_true", help="tiny sizes for CI (a few minutes)")
+    b.add_argument("--cache", default=None, help=f"cache dir (default {DEFAULT_CACHE}, or {QUICK_CACHE} with --quick)")
+    b.add_argument("--tasks", default=",".join(datasets.TASKS), help="comma-separated subset of tasks")
+    b.add_argument("--base", default=BASE_PATH, help="base checkpoint (default: the committed one)")
+    args = ap.parse_args(argv)
+    cache = args.cache or (QUICK_CACHE if args.quick else DEFAULT_CACHE)
+    build(cache, args.quick, tuple(t for t in args.tasks.split(",") if t), args.base)
+
+
+__all__ = ["build", "main", "load_state"]

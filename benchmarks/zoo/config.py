@@ -1,0 +1,41 @@
+"""Build recipe of the zoo (data sizes, head and fine-tuning hyper-parameters) and its hashes.
+
+Every cached artifact records the hash of the recipe parts it depends on, so editing
+the recipe (or the base checkpoint) rebuilds exactly what changed.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from typing import Any
+
+FULL: dict[str, Any] = {
+    "seed": 0,
+    "data": {"n_train": 3000, "n_test": 600, "version": 1},
+    "heads": {"logit_scale": 30.0, "per_class": 100},
+    "finetune": {"steps": 150, "batch": 32, "lr": 1e-4, "warmup": 15, "weight_decay": 0.0,
+                 "max_shift": 2, "threads": 2},
+}
+QUICK: dict[str, Any] = copy.deepcopy(FULL)
+QUICK["data"].update({"n_train": 400, "n_test": 200})
+QUICK["heads"].update({"per_class": 20})
+QUICK["finetune"].update({"steps": 15, "warmup": 3})
+
+
+def recipe(quick: bool = False) -> dict[str, Any]:
+    return copy.deepcopy(QUICK if quick else FULL)
+
+
+def digest(*parts: Any) -> str:
+    """Short stable hash of JSON-serialisable parts (dict key order ignored)."""
+    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]

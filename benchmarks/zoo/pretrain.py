@@ -1,0 +1,183 @@
+"""Pretrain the zoo's base encoder on a broad glyph corpus that no task uses.
+
+~330 classes (Latin lowercase, non-look-alike Greek/Cyrillic, symbols, Hebrew, Armenian,
+Georgian, Devanagari, Thai) from the *pretraining* font pool, composited on the fly with
+random colours, clutter and affine jitter. Latin capitals and digits are excluded: they
+are tasks. Held-out fonts give an honest accuracy. Run: ``python -m benchmarks.zoo.pretrain``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import compose, glyphs
+from .model import build_vit, preprocess, save_encoder
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BASE_PATH = os.path.join(HERE, "base.safetensors")
+RECIPE_PATH = os.path.join(HERE, "recipe.json")
+
+CHAR_GROUPS: dict[str, str] = {
+    "latin_lower": "abcdefghijklmnopqrstuvwxyz",
+    "greek_lower": "αβγδεζηθλμξπρσςφχψω",
+    "greek_upper": "ΓΔΘΛΞΠΣΦΨΩ",
+    "cyrillic_upper": "БГДЖЗИЙЛПФЦЧШЩЪЫЬЭЮЯ",
+    "cyrillic_lower": "бгджзилпфцчшщъыьэюя",
+    "symbols": "+×÷=≠<>≤≥∞∑∫√∂∇∈∩∪⊂⊃∀∃¬∧∨#$%&@*?!§¶©®€£¥←→↑↓↔♠♣♥♦♪~^{}[]()/\\|",
+    "hebrew": "אבגדהוזחטיכלמנסעפצקרשת",
+    "armenian": "աբգդեզէըթժիլխծկհձղճմյնշոչպջռսվտրցւփքօֆ",
+    "georgian": "აბგდევზთიკლმნოპჟრსტუფქღყშჩცძწჭხჯჰ",
+    "devanagari": "अआइईउऊऋएऐओऔकखगघङचछजझञटठडढणतथदधनपफबभमयरलवशषसह",
+    "thai": "กขคฆงจฉชซฌญฎฏฐฑฒณดตถทธนบปผฝพฟภมยรลวศษสหฬอฮ",
+}
+
+DEFAULT_RECIPE: dict[str, Any] = {
+    "arch": {"image_size": 32, "patch_size": 4, "width": 128, "layers": 6, "heads": 4,
+             "mlp_ratio": 4.0, "output_dim": 128},
+    "data": {"char_groups": CHAR_GROUPS, "font_pool": "pretrain", "heldout_font_every": 7,
+             "box": 24, "clutter": 0.5, "rotate": 12.0, "scale": [0.7, 1.1], "shift": 0.12},
+    "train": {"seed": 0, "steps": 1800, "batch": 128, "lr": 1e-3, "min_lr": 1e-5, "warmup": 150,
+              "weight_decay": 0.05, "label_smoothing": 0.1, "cos_scale": 16.0, "threads": 1},
+}
+
+
+def class_chars(groups: dict[str, str]) -> list[str]:
+    chars: list[str] = []
+    for s in groups.values():
+        chars += [c for c in s if c not in chars]
+    return chars
+
+
+def build_bank(recipe: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Render every (class, font) mask; split fonts into train / held-out by index."""
+    d = recipe["data"]
+    chars = class_chars(d["char_groups"])
+    fonts = glyphs.font_pool(d["font_pool"])
+    masks, labels, fids = glyphs.render_bank(chars, fonts, d["box"])
+    held = (fids % d["heldout_font_every"]) == 0
+    # classes with few fonts keep all fonts in training; they are left out of the held-out score
+    per_class = np.bincount(labels, minlength=len(chars))
+    held &= per_class[labels] >= 10
+    return {"masks": masks, "labels": labels, "held": held, "n_classes": np.array(len(chars))}
+
+
+class CosineHead(torch.nn.Module):
+    """Cosine classifier with fixed scale: shapes the embedding for prototype heads later."""
+
+    def __init__(self, dim: int, n: int, scale: float) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(n, dim) * 0.02)
+        self.scale = scale
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(f, dim=-1) @ F.normalize(self.weight, dim=-1).T
+
+
+def _sample(bank: dict[str, np.ndarray], idx: np.ndarray, g: torch.Generator, d: dict[str, Any]) -> torch.Tensor:
+    m = torch.from_numpy(bank["masks"][idx])
+    return compose.compose(m, g, rotate=d["rotate"], scale=tuple(d["scale"]), shift=d["shift"], clutter=d["clutter"])
+
+
+def lr_at(step: int, t: dict[str, Any]) -> float:
+    if step < t["warmup"]:
+        return t["lr"] * (step + 1) / t["warmup"]
+    p = (step - t["warmup"]) / max(1, t["steps"] - t["warmup"])
+    return t["min_lr"] + 0.5 * (t["lr"] - t["min_lr"]) * (1 + math.cos(math.pi * p))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, head: CosineHead, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), 256):
+        correct += (head(model(preprocess(x[i:i + 256]))).argmax(1) == y[i:i + 256]).sum().item()
+    model.train()
+    return correct / len(x)
+
+
+def pretrain(recipe: dict[str, Any], out: str = BASE_PATH, log_every: int = 50,
+             snapshot: str | None = None) -> dict[str, Any]:
+    """Train the base from scratch; ``snapshot`` (optional path) gets a copy at every evaluation."""
+    t = recipe["train"]
+    d = recipe["data"]
+    torch.set_num_threads(t["threads"])
+    torch.manual_seed(t["seed"])
+    t0 = time.time()
+    bank = build_bank(recipe)
+    n_cls = int(bank["n_classes"])
+    train_idx = np.flatnonzero(~bank["held"])
+    held_idx = np.flatnonzero(bank["held"])
+    ge = torch.Generator().manual_seed(t["seed"] + 1)
+    rng = np.random.default_rng(t["seed"])
+    ev_idx = rng.choice(held_idx, 2000, replace=len(held_idx) < 2000)
+    x_ev, y_ev = _sample(bank, ev_idx, ge, d), torch.from_numpy(bank["labels"][ev_idx])
+    print(f"bank: {len(bank['labels'])} masks, {n_cls} classes, {len(train_idx)} train / {len(held_idx)} held-out "
+          f"({time.time() - t0:.0f}s)", flush=True)
+
+    model = build_vit(recipe["arch"])
+    head = CosineHead(recipe["arch"]["output_dim"], n_cls, t["cos_scale"])
+    params = list(model.parameters()) + list(head.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=t["lr"], betas=(0.9, 0.98))
+    g = torch.Generator().manual_seed(t["seed"] + 2)
+    run_loss, run_acc = 0.0, 0.0
+    for step in range(t["steps"]):
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step, t)
+        idx = train_idx[rng.integers(0, len(train_idx), t["batch"])]
+        x = preprocess(_sample(bank, idx, g, d))
+        y = torch.from_numpy(bank["labels"][idx])
+        logits = head(model(x))
+        loss = F.cross_entropy(logits, y, label_smoothing=t["label_smoothing"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        run_loss = 0.98 * run_loss + 0.02 * loss.item() if step else loss.item()
+        run_acc = 0.98 * run_acc + 0.02 * (logits.argmax(1) == y).float().mean().item()
+        if (step + 1) % log_every == 0 or step + 1 == t["steps"]:
+            msg = f"step {step + 1}/{t['steps']} loss {run_loss:.3f} train-acc~{run_acc:.3f} lr {lr_at(step, t):.2e} {time.time() - t0:.0f}s"
+            if (step + 1) % (log_every * 10) == 0 or step + 1 == t["steps"]:
+                msg += f" heldout-acc {evaluate(model, head, x_ev, y_ev):.3f}"
+                if snapshot:
+                    save_encoder(model, snapshot, recipe["arch"])
+            print(msg, flush=True)
+    acc = evaluate(model, head, x_ev, y_ev)
+    elapsed = time.time() - t0
+    n_params = sum(p.numel() for p in model.parameters())
+    save_encoder(model, out, recipe["arch"], {"recipe": json.dumps(recipe, sort_keys=True, ensure_ascii=False)})
+    return {"heldout_top1": round(acc, 4), "heldout_samples": len(ev_idx), "n_classes": n_cls,
+            "n_masks": int(len(bank["labels"])), "n_params": n_params, "seconds": round(elapsed),
+            "threads": t["threads"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--steps", type=int, default=None, help="override steps (experiments only)")
+    ap.add_argument("--out", default=BASE_PATH)
+    ap.add_argument("--recipe-out", default=RECIPE_PATH)
+    ap.add_argument("--snapshot", default=None, help="path for intermediate checkpoints")
+    args = ap.parse_args()
+    recipe = json.loads(json.dumps(DEFAULT_RECIPE))
+    if os.path.exists(RECIPE_PATH) and args.steps is None:
+        recipe = {k: v for k, v in json.load(open(RECIPE_PATH)).items() if k in DEFAULT_RECIPE}
+    if args.steps is not None:
+        recipe["train"]["steps"] = args.steps
+    result = pretrain(recipe, args.out, snapshot=args.snapshot)
+    print(json.dumps(result), flush=True)
+    with open(args.recipe_out, "w") as f:
+        json.dump({**recipe, "result": result}, f, indent=1, ensure_ascii=False)
+
+
+if __name__ == "__main__":
+    main()

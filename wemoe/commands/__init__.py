@@ -1,0 +1,1 @@
+"""One module per CLI command: argument handling around the library calls."""

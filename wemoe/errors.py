@@ -1,0 +1,24 @@
+"""One exception type for every refusal the user can fix.
+
+The CLI turns a ``WemoeError`` into one line on stderr; anything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class WemoeError(Exception):
+    """A user-facing error: bad input, bad option, refused output path."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None, tensor: str | None = None):
+        self.path = str(path) if path is not None else None
+        self.tensor = tensor
+        where = []
+        if self.path:
+            where.append(self.path)
+        if tensor:
+            where.append(f"tensor '{tensor}'")
+        text = f"{': '.join(where)}: {message}" if where else message
+        super().__init__(text)

@@ -1,0 +1,1 @@
+"""Reading and writing checkpoint files; nothing here knows about key schemes."""

@@ -1,0 +1,1 @@
+"""Merging: validation of inputs, task vectors, static methods, the streaming engine."""

@@ -1,0 +1,165 @@
+"""Open and validate a base and its task checkpoints BEFORE any compute.
+
+Everything that can make a merge wrong or crash halfway is checked here, and
+refused with one line naming the file and tensor: missing or extra tensors,
+shape/dtype/architecture mismatches, non-finite values, duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from wemoe.checkpoint import Checkpoint, open_checkpoint
+from wemoe.errors import WemoeError
+
+# Fine-tuned vision-only checkpoints (e.g. FusionBench's HF CLIPVisionModel ones)
+# lack the projection; it is then taken from the base unchanged.
+OPTIONAL_IN_TASKS = ("head.weight", "head.bias")
+
+
+@dataclass
+class TaskInput:
+    name: str
+    checkpoint: Checkpoint
+    sha256: str
+    from_base: tuple[str, ...] = ()  # canonical keys absent from the task, taken from the base
+
+    @property
+    def path(self) -> Path:
+        return self.checkpoint.path
+
+
+@dataclass
+class MergeInputs:
+    base: Checkpoint
+    base_sha256: str
+    tasks: list[TaskInput]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+
+def sha256_of(ckpt: Checkpoint) -> str:
+    """Hash of the checkpoint's weight file(s), recorded so results can be traced to inputs."""
+    h = hashlib.sha256()
+    for f in ckpt.source.files():
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def parse_named(spec: str) -> tuple[str, str]:
+    """``NAME=PATH`` or ``PATH`` (the name is then the file's stem)."""
+    if "=" in spec:
+        name, value = spec.split("=", 1)
+        if not name:
+            raise WemoeError(f"empty task name in '{spec}'")
+        return name, value
+    p = Path(spec.rstrip("/"))
+    stem = p.name
+    for suffix in (".safetensors", ".pt", ".pth", ".bin", ".npz"):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+    return stem, spec
+
+
+def _check_finite(ckpt: Checkpoint, bar: tqdm | None) -> None:
+    for key in ckpt.keys():
+        t = ckpt.get(key)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+            raise WemoeError(f"contains {bad} values", path=ckpt.path, tensor=ckpt.native_names(key)[0])
+        del t
+        if bar is not None:
+            bar.update(1)
+
+
+def _compare(base: Checkpoint, task: Checkpoint) -> tuple[str, ...]:
+    bkeys, tkeys = set(base.keys()), set(task.keys())
+    for key in sorted(tkeys - bkeys):
+        raise WemoeError(f"tensor is not in the base checkpoint {base.path}", path=task.path, tensor=task.native_names(key)[0])
+    from_base = []
+    for key in base.keys():
+        if key not in tkeys:
+            if key in OPTIONAL_IN_TASKS:
+                from_base.append(key)
+                continue
+            raise WemoeError("missing tensor (the base has it)", path=task.path, tensor=base.native_names(key)[0])
+        bs, ts = base.shape(key), task.shape(key)
+        if bs != ts:
+            raise WemoeError(f"shape {list(ts)} does not match the base's {list(bs)} (different architecture?)", path=task.path, tensor=task.native_names(key)[0])
+        bd, td = base.dtype(key), task.dtype(key)
+        if bd != td:
+            raise WemoeError(f"dtype {str(td).replace('torch.', '')} does not match the base's {str(bd).replace('torch.', '')}", path=task.path, tensor=task.native_names(key)[0])
+    if task.arch.activation != base.arch.activation and "inferred" not in task.arch.source and "inferred" not in base.arch.source:
+        raise WemoeError(f"activation {task.arch.activation} does not match the base's {base.arch.activation}", path=task.path)
+    if task.arch.heads != base.arch.heads and "inferred" not in task.arch.source:
+        raise WemoeError(f"{task.arch.heads} attention heads, the base has {base.arch.heads}", path=task.path)
+    return tuple(from_base)
+
+
+def load_inputs(
+    base_path: str | Path,
+    tasks: Sequence[tuple[str, str | Path]],
+    arch: str | dict | None = None,
+    check_finite: bool = True,
+    progress: bool = True,
+) -> MergeInputs:
+    """Open every checkpoint and validate all of them; nothing is computed yet."""
+    if not tasks:
+        raise WemoeError("no task checkpoints given (use --tasks NAME=PATH ...)")
+    names = [n for n, _ in tasks]
+    for n in names:
+        if names.count(n) > 1:
+            raise WemoeError(f"task name '{n}' is given twice")
+    seen_paths: dict[Path, str] = {}
+    for n, p in tasks:
+        rp = Path(p).resolve()
+        if rp in seen_paths:
+            raise WemoeError(f"the same checkpoint is given twice (tasks '{seen_paths[rp]}' and '{n}')", path=p)
+        seen_paths[rp] = n
+    base = open_checkpoint(base_path, arch)
+    notes: list[str] = []
+    if base.match.ignored:
+        notes.append(f"base: using the image tower only ({len(base.match.ignored)} other tensors ignored)")
+    opened = []
+    for name, path in tasks:
+        # Shapes are compared tensor by tensor below (naming the tensor); only what
+        # shapes cannot tell is carried over from the base.
+        ckpt = open_checkpoint(path, {"heads": base.arch.heads, "activation": base.arch.activation})
+        from_base = _compare(base, ckpt)
+        if from_base:
+            notes.append(f"task '{name}': no projection in {Path(path).name}; taken from the base unchanged")
+        if ckpt.scheme != base.scheme:
+            notes.append(f"task '{name}': {ckpt.scheme} layout, converted to the base's {base.scheme} layout")
+        opened.append((name, ckpt, from_base))
+    if check_finite:
+        total = len(base.keys()) * (1 + len(opened))
+        with tqdm(total=total, desc="validating", unit="tensor", disable=not progress, leave=False) as bar:
+            _check_finite(base, bar)
+            for _, ckpt, _ in opened:
+                _check_finite(ckpt, bar)
+    base_hash = sha256_of(base)
+    task_inputs = []
+    hashes = {base_hash: "the base"}
+    for name, ckpt, from_base in opened:
+        digest = sha256_of(ckpt)
+        if digest in hashes:
+            raise WemoeError(f"identical to {hashes[digest]} (the same checkpoint given twice?)", path=ckpt.path)
+        hashes[digest] = f"task '{name}'"
+        task_inputs.append(TaskInput(name, ckpt, digest, from_base))
+    return MergeInputs(base, base_hash, task_inputs, notes)
+
+
+def is_finite_number(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -1,0 +1,72 @@
+"""The classic static merges, one tensor at a time.
+
+Each function gets the base tensor and the task vectors tau_i = theta_i - theta_0
+of ONE tensor, so the engine can stream a model tensor by tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from wemoe.errors import WemoeError
+
+
+def average(base: torch.Tensor, taus: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Simple weight averaging: mean_i theta_i = theta_0 + mean_i tau_i."""
+    return base + torch.stack(list(taus)).mean(0)
+
+
+def task_arithmetic(base: torch.Tensor, taus: Sequence[torch.Tensor], lam: float) -> torch.Tensor:
+    """theta_0 + lambda * sum_i tau_i (Ilharco et al., 2023)."""
+    return base + lam * torch.stack(list(taus)).sum(0)
+
+
+def ties_trim(tau: torch.Tensor, k_percent: float) -> torch.Tensor:
+    """Keep the k% largest-magnitude entries of one task vector tensor, zero the rest."""
+    n = tau.numel()
+    keep = int(round(n * k_percent / 100.0))
+    if keep >= n:
+        return tau.clone()
+    if keep <= 0:
+        return torch.zeros_like(tau)
+    flat = tau.reshape(-1)
+    idx = flat.abs().topk(keep, sorted=False).indices
+    out = torch.zeros_like(flat)
+    out[idx] = flat[idx]
+    return out.view_as(tau)
+
+
+def ties(base: torch.Tensor, taus: Sequence[torch.Tensor], lam: float, k_percent: float) -> torch.Tensor:
+    """TIES-merging (Yadav et al., 2023): trim, elect sign by summed mass, disjoint mean.
+
+    Trimming is per tensor (as mergekit does) so the merge can stream; the
+    paper's per-model threshold would need every task vector in memory at once.
+    """
+    trimmed = torch.stack([ties_trim(t, k_percent) for t in taus])
+    sign = torch.sign(trimmed.sum(0))
+    agree = (torch.sign(trimmed) == sign.unsqueeze(0)) & (trimmed != 0)
+    count = agree.sum(0).clamp(min=1)
+    disjoint_mean = (trimmed * agree).sum(0) / count
+    return base + lam * disjoint_mean
+
+
+StaticFn = Callable[[torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
+STATIC_METHODS = ("average", "task-arithmetic", "ties")
+DEFAULT_LAMBDA = {"task-arithmetic": 0.3, "ties": 1.0, "wemoe": 0.3}
+
+
+def static_method(name: str, lam: float | None = None, ties_k: float = 20.0) -> StaticFn:
+    """Bind a method's parameters; the engine then calls fn(base, taus) per tensor."""
+    if name == "average":
+        return average
+    if lam is None:
+        lam = DEFAULT_LAMBDA.get(name, 0.3)
+    if name == "task-arithmetic":
+        return lambda b, t: task_arithmetic(b, t, lam)
+    if name == "ties":
+        if not 0 < ties_k <= 100:
+            raise WemoeError(f"--ties-k must be in (0, 100], got {ties_k}")
+        return lambda b, t: ties(b, t, lam, ties_k)
+    raise WemoeError(f"unknown method '{name}' (known: {', '.join(STATIC_METHODS + ('wemoe',))})")

@@ -1,0 +1,1 @@
+"""Torch modules: the canonical ViT encoder and the weight-ensembling MoE block."""

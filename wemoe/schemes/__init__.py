@@ -1,0 +1,12 @@
+"""Key schemes: converters between each library's checkpoint layout and ours.
+
+The canonical layout is timm's ``VisionTransformer`` (``blocks.N.mlp.fc1.weight``,
+``cls_token`` as [1, 1, D], ``head.weight`` as [E, D]). Every other module works
+on canonical keys only; open_clip and Hugging Face CLIP are converted here, at
+the edges, in both directions, so a merge is written back in the layout the user
+started from.
+"""
+
+from wemoe.schemes.rules import MLP_SUFFIXES, Scheme, SchemeMatch, canonical_block_keys, detect_scheme, get_scheme, SCHEMES
+
+__all__ = ["Scheme", "SchemeMatch", "SCHEMES", "detect_scheme", "get_scheme", "canonical_block_keys", "MLP_SUFFIXES"]
