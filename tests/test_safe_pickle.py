@@ -8,10 +8,12 @@ import io
 import os
 import pickle
 import random
+import struct
 import subprocess
 import sys
 import tarfile
 import types
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -120,7 +122,8 @@ def fake_src_package():
 
 
 def save_module(obj: object, path: Path, **kwargs) -> Path:
-    with fake_src_package():
+    with fake_src_package(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # legacy format: "Couldn't retrieve source code"
         torch.save(obj, path, **kwargs)
     assert "src" not in sys.modules and FAKE_MODULE not in sys.modules
     return path
@@ -311,10 +314,17 @@ def test_build_cannot_set_attributes_on_allowed_globals(tmp_path):
     """A hand-written BUILD targeting an allow-listed function is ignored."""
     weight = torch.randn(4)
     torch.save({"weight": weight}, tmp_path / "plain.pt")
+
+    def setattr_ops(global_: bytes, name: str) -> bytes:
+        # GLOBAL; BUILD with state (None, {name: (1, 2, 3)}), i.e. setattr(global, name, (1, 2, 3)); POP
+        encoded = name.encode()
+        return (b"c" + global_ + b"N}X" + struct.pack("<I", len(encoded)) + encoded
+                + b"(K\x01K\x02K\x03ts\x86b0")
+
     prefix = (
-        b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n"
-        b"N}X\x0c\x00\x00\x00__defaults__(K\x01K\x02K\x03ts\x86b0"  # setattr(func, '__defaults__', ...)
-        b"ctorch\nUntypedStorage\nN}X\x07\x00\x00\x00nbytesK\x00s\x86b0"  # setattr(torch.UntypedStorage, ...)
+        b"\x80\x02"
+        + setattr_ops(b"torch._utils\n_rebuild_tensor_v2\n", "__defaults__")
+        + setattr_ops(b"torch\nUntypedStorage\n", "nbytes")
     )
     _rewrite_zip(tmp_path / "plain.pt", tmp_path / "crafted.pt",
                  lambda name, data: prefix + data if name.endswith("/data.pkl") else data)
@@ -330,7 +340,7 @@ def test_build_cannot_set_attributes_on_allowed_globals(tmp_path):
 
 
 def test_tensor_past_end_of_storage_is_refused():
-    storage = torch.storage.TypedStorage(4, dtype=torch.float32)
+    storage = torch.storage.TypedStorage(wrap_storage=torch.UntypedStorage(16), dtype=torch.float32, _internal=True)
     with pytest.raises(pickle.UnpicklingError, match="past the end"):
         safe_pickle._rebuild_tensor_v2(storage, 0, (100,), (1,), False, None)
     assert safe_pickle._rebuild_tensor_v2(storage, 1, (3,), (1,)).shape == (3,)

@@ -7,6 +7,7 @@ Every builder is deterministic in its seed and returns uint8 images.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from typing import Callable
@@ -92,9 +93,15 @@ def digits8(n_train: int, n_test: int, seed: int) -> Split:
 
 
 # ---------------------------------------------------------------- rendered from fonts
-def _glyph_task(chars: list[str], n: int, seed: int, **kw) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+@functools.lru_cache(maxsize=4)
+def _task_bank(chars: str) -> tuple[np.ndarray, np.ndarray]:
+    masks, labels, _ = glyphs.render_bank(list(chars), glyphs.font_pool("task"))
+    return masks, labels
+
+
+def _glyph_task(chars: list[str], n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render ``n`` samples of ``chars`` in the task font pool, balanced over classes."""
-    masks, labels, _ = glyphs.render_bank(chars, glyphs.font_pool("task"))
+    masks, labels = _task_bank("".join(chars))
     rng = np.random.default_rng(seed)
     y = np.arange(n) % len(chars)
     rng.shuffle(y)

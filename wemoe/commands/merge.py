@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from wemoe.errors import WemoeError
+from wemoe.heads import Head, load_head
 from wemoe.io.output import check_destination, parse_size
 from wemoe.merge.inputs import load_inputs, parse_named
 from wemoe.options import echo_note, parse_dtype, progress_enabled, resolve_device
@@ -27,6 +28,21 @@ def _check_numbers(opts: dict[str, Any]) -> None:
         raise WemoeError(f"--lr must be > 0, got {opts['lr']}")
 
 
+def load_task_heads(specs, task_names: list[str], feature_dim: int) -> dict[str, Head]:
+    """``--heads NAME=PATH``: validated against the task list and the encoder's output size."""
+    heads: dict[str, Head] = {}
+    for spec in specs:
+        name, path = parse_named(spec)
+        if name not in task_names:
+            raise WemoeError(f"--heads names task '{name}', which is not among --tasks ({', '.join(task_names)})")
+        if name in heads:
+            raise WemoeError(f"--heads gives task '{name}' twice")
+        head = load_head(path)
+        head.check_features(feature_dim, name)
+        heads[name] = head
+    return heads
+
+
 def run_merge(opts: dict[str, Any]) -> None:
     method = opts.get("method") or "task-arithmetic"
     if not opts.get("base"):
@@ -35,7 +51,7 @@ def run_merge(opts: dict[str, Any]) -> None:
         raise click.UsageError("missing --out (or a --config that names it)")
     _check_numbers(opts)
     if method != "wemoe":
-        for opt in ("heads", "data", "steps", "moe_blocks", "router_layers", "coef_range"):
+        for opt in ("data", "steps", "moe_blocks", "router_layers", "coef_range"):
             if opts.get(opt):
                 raise click.UsageError(f"--{opt.replace('_', '-')} only applies to --method wemoe")
     device = resolve_device(opts.get("device") or "auto")
@@ -49,10 +65,11 @@ def run_merge(opts: dict[str, Any]) -> None:
     inputs = load_inputs(opts["base"], tasks, arch=opts.get("arch"), progress=progress)
     for note in inputs.notes:
         echo_note(opts, f"note: {note}")
+    heads = load_task_heads(opts.get("heads") or (), inputs.task_names, inputs.base.arch.output_dim)
     if method == "wemoe":
         from wemoe.commands.wemoe_merge import run_wemoe_merge
 
-        run_wemoe_merge(opts, inputs, device=device, dtype=dtype, shard_size=shard_size, progress=progress)
+        run_wemoe_merge(opts, inputs, heads, device=device, dtype=dtype, shard_size=shard_size, progress=progress)
         return
     if opts.get("dry_run"):
         _print_plan(inputs, method, opts, dtype)
@@ -71,6 +88,7 @@ def run_merge(opts: dict[str, Any]) -> None:
         force=bool(opts.get("force")),
         seed=opts.get("seed") or 0,
         progress=progress,
+        heads=heads,
     )
     echo_note(opts, f"wrote {out} ({method}, {len(inputs.tasks)} tasks, {time.perf_counter() - started:.1f} s)")
 

@@ -438,7 +438,8 @@ def _restricted_pickle_module(recorder: set[str]) -> types.ModuleType:
 
             def guarded(pid: object) -> Any:
                 if isinstance(pid, tuple) and pid:
-                    tag = pid[0].decode("ascii", "replace") if isinstance(pid[0], bytes) else pid[0]
+                    tag = pid[0].decode("ascii", "replace") if type(pid[0]) is bytes else pid[0]
+                    tag = tag if type(tag) is str else ""
                     if tag == "storage" and len(pid) in (5, 6):
                         storage_type, key, _location, numel = pid[1:5]
                         if not (storage_type is torch.UntypedStorage or (_STORAGE_TYPE is not None and isinstance(storage_type, _STORAGE_TYPE))):
@@ -647,10 +648,12 @@ def _torch_load(path: Path, kind: str, **kwargs: Any) -> object:
 def _describe_failure(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     lowered = text.lower()
-    if isinstance(exc, EOFError) or "truncated" in lowered or "ran out of input" in lowered:
+    if isinstance(exc, EOFError) or any(s in lowered for s in ("truncated", "ran out of input", "unexpected eof")):
         return "truncated torch checkpoint (data ends early)"
     if "invalid magic number" in lowered:
         return "not a torch.save checkpoint (plain pickle or unknown format)"
+    if isinstance(exc, pickle.UnpicklingError):
+        return f"unreadable or refused pickle data ({text[:160]})"
     if "zip archive" in lowered or "central directory" in lowered:
         return f"corrupted torch zip archive ({text[:160]})"
     return f"corrupted or unsupported torch checkpoint ({type(exc).__name__}: {text[:160]})"

@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
+from wemoe.heads import save_heads
 from wemoe.io.output import CONFIG_FILE, AtomicDirectory, Entry, config_metadata, write_json, write_model
 from wemoe.merge.inputs import MergeInputs
 from wemoe.merge.static import DEFAULT_LAMBDA, static_method
@@ -68,6 +69,7 @@ def run_static_merge(
     force: bool = False,
     seed: int = 0,
     progress: bool = True,
+    heads: dict | None = None,
 ) -> Path:
     fn = static_method(method, lam, ties_k)
     params: dict = {}
@@ -78,10 +80,13 @@ def run_static_merge(
     out_dtype = dtype or inputs.base.dtype("blocks.0.mlp.fc1.weight")
     config = base_config(inputs, method, params, out_dtype, seed)
     config["notes"] = inputs.notes
+    config["heads"] = sorted(heads) if heads else []
     entries = native_entries(inputs, dtype)
     started = time.perf_counter()
     with AtomicDirectory(out, force) as tmp:
         files = write_model(tmp, entries, lambda: static_merge_tensors(inputs, fn, dtype, device, progress), config_metadata(config), shard_size)
+        if heads:
+            save_heads(tmp / "heads.safetensors", heads)
         write_json(tmp / CONFIG_FILE, config)
         write_json(tmp / "report.json", {"files": files, "seconds": round(time.perf_counter() - started, 3), "device": device})
     return Path(out)

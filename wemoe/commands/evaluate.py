@@ -1,0 +1,75 @@
+"""``wemoe eval``: per-task accuracy table and JSON report."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from wemoe.data import check_labels, load_data
+from wemoe.errors import WemoeError
+from wemoe.evaluate import evaluate_task, load_for_inference
+from wemoe.heads import load_head
+from wemoe.merge.inputs import parse_named
+from wemoe.options import progress_enabled, resolve_device
+
+
+def parse_task_spec(spec: str) -> tuple[str, str | None, str]:
+    """``NAME=HEAD:DATA``, ``NAME=:DATA``, ``NAME=DATA`` or ``DATA`` -> (name, head or None, data)."""
+    if "=" in spec:
+        name, rest = spec.split("=", 1)
+        if not name:
+            raise WemoeError(f"empty task name in '{spec}'")
+    else:
+        name, rest = parse_named(spec)[0], spec
+    if ":" in rest:
+        head, data = rest.split(":", 1)
+        return name, head or None, data
+    return name, None, rest
+
+
+def run_eval(opts: dict[str, Any]) -> None:
+    if not opts.get("model"):
+        raise click.UsageError("missing MODEL (or a --config that names it)")
+    specs = [parse_task_spec(s) for s in opts.get("tasks") or ()]
+    if not specs:
+        raise click.UsageError("no --task given (NAME=HEAD:DATA)")
+    names = [s[0] for s in specs]
+    for n in names:
+        if names.count(n) > 1:
+            raise WemoeError(f"task '{n}' is given twice")
+    device = resolve_device(opts.get("device") or "auto")
+    progress = progress_enabled(opts)
+    loaded = load_for_inference(opts["model"], opts.get("arch"), device)
+    # validate every task (head, data, sizes) before evaluating any
+    jobs = []
+    for name, head_path, data_path in specs:
+        if head_path:
+            head = load_head(head_path)
+        elif name in loaded.heads:
+            head = loaded.heads[name]
+        else:
+            stored = ", ".join(sorted(loaded.heads)) or "none"
+            raise WemoeError(f"unknown task '{name}': no head given and the model stores heads for: {stored}")
+        head.check_features(loaded.arch.output_dim, name)
+        data = load_data(data_path, opts.get("split") or "test").subset(opts.get("limit"))
+        check_labels(data, head.num_classes, name)
+        jobs.append((name, head, data))
+    started = time.perf_counter()
+    results = {}
+    for name, head, data in jobs:
+        results[name] = evaluate_task(loaded.module, head, data, loaded.arch, opts["batch_size"], device, progress, desc=name)
+    average = sum(r.accuracy for r in results.values()) / len(results)
+    width = max(8, *(len(n) for n in results))
+    lines = [f"{'task':<{width}}  {'accuracy':>8}  {'loss':>7}  {'n':>6}"]
+    for name, r in results.items():
+        lines.append(f"{name:<{width}}  {100 * r.accuracy:>7.2f}%  {r.loss:>7.4f}  {r.n:>6}")
+    lines.append(f"{'average':<{width}}  {100 * average:>7.2f}%")
+    click.echo("\n".join(lines))
+    if opts.get("json_path"):
+        report: dict[str, Any] = {n: {"accuracy": r.accuracy, "n": r.n, "loss": r.loss} for n, r in results.items()}
+        report.update({"average": average, "model": str(opts["model"]), "seconds": round(time.perf_counter() - started, 3)})
+        Path(opts["json_path"]).write_text(json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,159 @@
+"""Task data: image folders and .npz arrays, preprocessed as the model expects.
+
+Preprocessing follows the architecture: resize to its image size, RGB, scale to
+[0, 1], normalise with its mean/std (CLIP's for CLIP layouts). Labels are only
+read for evaluation; router adaptation never looks at them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wemoe.arch import ViTArch
+from wemoe.errors import WemoeError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+@dataclass
+class TaskData:
+    """Images as uint8 arrays (N, H, W, 3) or lazily as file paths, plus labels."""
+
+    source: str
+    labels: np.ndarray
+    arrays: np.ndarray | None = None
+    files: list[Path] | None = None
+    classes: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, limit: int | None) -> "TaskData":
+        if limit is None or limit >= len(self):
+            return self
+        return TaskData(self.source, self.labels[:limit], None if self.arrays is None else self.arrays[:limit],
+                        None if self.files is None else self.files[:limit], self.classes)
+
+    def raw(self, start: int, stop: int) -> np.ndarray:
+        if self.arrays is not None:
+            return self.arrays[start:stop]
+        return np.stack([_read_image(f) for f in self.files[start:stop]])  # type: ignore[index]
+
+    def batches(self, batch_size: int, arch: ViTArch, device: str = "cpu"):
+        for start in range(0, len(self), batch_size):
+            stop = min(start + batch_size, len(self))
+            yield preprocess(self.raw(start, stop), arch, device), torch.from_numpy(self.labels[start:stop]).long()
+
+
+def _read_image(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise WemoeError(f"cannot read image ({type(exc).__name__})", path=path) from None
+
+
+def _to_rgb_uint8(x: np.ndarray, path: str) -> np.ndarray:
+    if x.dtype != np.uint8:
+        raise WemoeError(f"images must be uint8, got {x.dtype}", path=path)
+    if x.ndim == 3:
+        x = np.repeat(x[..., None], 3, axis=-1)
+    if x.ndim != 4 or x.shape[-1] not in (1, 3, 4):
+        raise WemoeError(f"images must be (N,H,W) or (N,H,W,C) with C in 1/3/4, got {x.shape}", path=path)
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    return np.ascontiguousarray(x[..., :3])
+
+
+def preprocess(images: np.ndarray, arch: ViTArch, device: str = "cpu") -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> normalised float (N, 3, S, S) at the model's image size."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+    size = arch.image_size
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp_(0, 1)
+    mean = torch.tensor(arch.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(arch.std, device=device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _load_npz(path: Path, split: str) -> TaskData:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            files = set(z.files)
+            if f"x_{split}" in files:
+                x, y = z[f"x_{split}"], z.get(f"y_{split}")
+            elif "x" in files:
+                x, y = z["x"], z.get("y")
+            else:
+                raise WemoeError(f"no 'x_{split}' or 'x' array (found: {', '.join(sorted(files))})", path=path)
+            classes = [str(c) for c in z["classes"]] if "classes" in files else None
+    except WemoeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - numpy raises many types for broken files
+        raise WemoeError(f"cannot read .npz ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", path=path) from None
+    x = _to_rgb_uint8(x, str(path))
+    if y is None:
+        y = np.full(len(x), -1, dtype=np.int64)
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+        raise WemoeError(f"labels must be {len(x)} integers, got shape {y.shape} {y.dtype}", path=path)
+    if len(x) == 0:
+        raise WemoeError("no images", path=path)
+    return TaskData(str(path), y.astype(np.int64), arrays=x, classes=classes)
+
+
+def _load_folder(path: Path, split: str) -> TaskData:
+    root = path / split if (path / split).is_dir() else path
+    try:
+        class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    except OSError as exc:
+        raise WemoeError(f"cannot list directory ({exc.strerror})", path=root) from None
+    if not class_dirs:
+        raise WemoeError("no class sub-folders (expected one folder of images per class)", path=root)
+    files: list[Path] = []
+    labels: list[int] = []
+    for label, d in enumerate(class_dirs):
+        try:
+            entries = sorted(d.iterdir())
+        except OSError as exc:
+            raise WemoeError(f"cannot list directory ({exc.strerror})", path=d) from None
+        for f in entries:
+            if f.name.startswith("."):
+                continue
+            if f.is_dir():
+                continue
+            if f.suffix.lower() not in IMAGE_SUFFIXES:
+                raise WemoeError("not an image file (remove it or move it out of the data folder)", path=f)
+            files.append(f)
+            labels.append(label)
+    if not files:
+        raise WemoeError("no images in any class folder", path=root)
+    return TaskData(str(root), np.asarray(labels, dtype=np.int64), files=files, classes=[d.name for d in class_dirs])
+
+
+def load_data(path: str | Path, split: str = "test") -> TaskData:
+    p = Path(path)
+    if not p.exists():
+        raise WemoeError("no such file or directory", path=p)
+    if p.is_dir():
+        return _load_folder(p, split)
+    if p.suffix == ".npz":
+        return _load_npz(p, split)
+    raise WemoeError("data must be an image folder or an .npz file", path=p)
+
+
+def check_labels(data: TaskData, num_classes: int, task: str) -> None:
+    if (data.labels < 0).any():
+        raise WemoeError(f"task '{task}': data has no labels to evaluate against", path=data.source)
+    top = int(data.labels.max())
+    if top >= num_classes:
+        raise WemoeError(f"task '{task}': labels go up to {top} but the head has {num_classes} classes", path=data.source)
+    if data.classes is not None and len(data.classes) != num_classes:
+        raise WemoeError(f"task '{task}': data has {len(data.classes)} classes but the head has {num_classes}", path=data.source)
