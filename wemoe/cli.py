@@ -61,6 +61,7 @@ def _say(quiet: bool, message: str) -> None:
 @click.option("--moe-blocks", default=None, help="wemoe: blocks whose MLP becomes MoE: all, last:N, or 0,3,5 [all].")
 @click.option("--router-layers", type=click.IntRange(0, 2), default=None, help="wemoe: router depth 0, 1 or 2 [2].")
 @click.option("--coef-range", default=None, help="wemoe: clamp routing coefficients to LO,HI, or 'none'.")
+@click.option("--split", default=None, help="wemoe: split of --data used for adaptation [test].")
 @device_option
 @verbosity_options
 def merge(**opts) -> None:

@@ -44,6 +44,12 @@ class TaskData:
             return self.arrays[start:stop]
         return np.stack([_read_image(f) for f in self.files[start:stop]])  # type: ignore[index]
 
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        """Raw uint8 images at ``indices`` (labels are not touched)."""
+        if self.arrays is not None:
+            return self.arrays[indices]
+        return np.stack([_read_image(self.files[i]) for i in indices])  # type: ignore[index]
+
     def batches(self, batch_size: int, arch: ViTArch, device: str = "cpu"):
         for start in range(0, len(self), batch_size):
             stop = min(start + batch_size, len(self))

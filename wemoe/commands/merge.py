@@ -51,7 +51,7 @@ def run_merge(opts: dict[str, Any]) -> None:
         raise click.UsageError("missing --out (or a --config that names it)")
     _check_numbers(opts)
     if method != "wemoe":
-        for opt in ("data", "steps", "moe_blocks", "router_layers", "coef_range"):
+        for opt in ("data", "steps", "moe_blocks", "router_layers", "coef_range", "split", "cosine"):
             if opts.get(opt):
                 raise click.UsageError(f"--{opt.replace('_', '-')} only applies to --method wemoe")
     device = resolve_device(opts.get("device") or "auto")

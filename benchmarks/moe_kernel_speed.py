@@ -1,0 +1,150 @@
+"""Speed of the WEMoE MLP kernel vs a plain MLP and vs the naive per-sample loop.
+
+ViT-B/32 MLP sizes: D=768, H=3072, N=50 tokens, batch 64, T=8 experts. Runs
+``--layers`` MLP blocks (default 2) chained with residuals and scales the
+times to 12 layers. All times measured in this one run, interleaved (plain and
+WEMoE alternate, best of ``--reps``) so that load from other processes hits
+both alike.
+
+    python -m benchmarks.moe_kernel_speed            # ~1 minute on 2 cores
+    python -m benchmarks.moe_kernel_speed --sweep    # also try chunk/tile sizes (longer)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from wemoe.model.activations import get_activation
+from wemoe.model.moe import DEFAULT_CHUNK_SIZE, DEFAULT_TILE_ROWS, WeightEnsemblingMLP
+from wemoe.model.moe_reference import naive_moe_forward
+
+
+def build(layers, D, H, T, act, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    plain, moes = [], []
+    for _ in range(layers):
+        w1 = torch.randn(H, D, generator=g) * 0.02
+        b1 = torch.randn(H, generator=g) * 0.02
+        w2 = torch.randn(D, H, generator=g) * 0.02
+        b2 = torch.randn(D, generator=g) * 0.02
+        plain.append([w1.clone(), b1.clone(), w2.clone(), b2.clone()])
+        m = WeightEnsemblingMLP(
+            w1, b1, w2, b2,
+            torch.randn(T, H, D, generator=g) * 0.002,
+            torch.randn(T, H, generator=g) * 0.002,
+            torch.randn(T, D, H, generator=g) * 0.002,
+            torch.randn(T, D, generator=g) * 0.002,
+            act,
+        )
+        moes.append(m)
+    return plain, moes
+
+
+def plain_stack(plain, act, x):
+    for w1, b1, w2, b2 in plain:
+        x = x + F.linear(act(F.linear(x, w1, b1)), w2, b2)
+    return x
+
+
+def moe_stack(moes, x):
+    for m in moes:
+        x = x + m(x)
+    return x
+
+
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=50)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--width", type=int, default=768)
+    p.add_argument("--hidden", type=int, default=3072)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--naive-samples", type=int, default=4)
+    p.add_argument("--chunk", type=int, default=None)
+    p.add_argument("--tile", type=int, default=None)
+    p.add_argument("--sweep", action="store_true", help="also time a few (chunk, tile) pairs, forward only")
+    a = p.parse_args(argv)
+
+    torch.set_num_threads(a.threads)
+    D, H, T, B, N, L = a.width, a.hidden, a.experts, a.batch, a.tokens, a.layers
+    act_name = "quick_gelu"
+    act = get_activation(act_name)
+    plain, moes = build(L, D, H, T, act_name)
+    for m in moes:
+        m.chunk_size, m.tile_rows = a.chunk, a.tile
+    scale = 12 / L
+    x = torch.randn(B, N, D, generator=torch.Generator().manual_seed(1))
+    print(
+        f"WEMoE MLP kernel: D={D} H={H} N={N} B={B} T={T}, {L} layer(s) timed, scaled x{scale:g} to 12; "
+        f"threads={a.threads}; chunk={a.chunk or DEFAULT_CHUNK_SIZE} tile_rows={a.tile or DEFAULT_TILE_ROWS}"
+    )
+
+    # ---- forward (inference) ----
+    best = {"plain": 1e9, "moe": 1e9}
+    with torch.no_grad():
+        plain_stack(plain, act, x), moe_stack(moes, x)  # warm-up
+        for _ in range(a.reps):
+            best["plain"] = min(best["plain"], timed(lambda: plain_stack(plain, act, x)))
+            best["moe"] = min(best["moe"], timed(lambda: moe_stack(moes, x)))
+
+        # ---- naive loop on a few samples + correctness on those samples ----
+        xs = x[: a.naive_samples]
+        t_naive = timed(lambda: [naive_moe_forward(m, xs) for m in moes])
+        ref = naive_moe_forward(moes[0], xs)
+        got = moes[0](xs)
+        rel = ((got - ref).abs().max() / ref.abs().max()).item()
+    t_naive_full = t_naive * B / a.naive_samples
+    print(f"plain MLP forward          : {best['plain'] * scale:7.2f} s / 12 layers")
+    print(f"WEMoE forward (vectorized) : {best['moe'] * scale:7.2f} s / 12 layers   ratio {best['moe'] / best['plain']:.2f}x")
+    print(
+        f"naive per-sample loop      : {t_naive_full * scale:7.2f} s / 12 layers   ratio {t_naive_full / best['plain']:.2f}x "
+        f"(timed on {a.naive_samples} samples, scaled); max rel diff vs vectorized {rel:.1e}"
+    )
+
+    # ---- forward + backward ----
+    plain_p = [[t.clone().requires_grad_(True) for t in layer] for layer in plain]
+    xg = x.clone().requires_grad_(True)
+
+    def plain_step():
+        plain_stack(plain_p, act, xg).pow(2).mean().backward()
+
+    def moe_step():
+        moe_stack(moes, xg).pow(2).mean().backward()
+
+    plain_step(), moe_step()
+    bt = {"plain": 1e9, "moe": 1e9}
+    for _ in range(a.reps):
+        bt["plain"] = min(bt["plain"], timed(plain_step))
+        bt["moe"] = min(bt["moe"], timed(moe_step))
+    print(f"plain MLP forward+backward : {bt['plain'] * scale:7.2f} s / 12 layers (weights and input require grad)")
+    print(
+        f"WEMoE forward+backward     : {bt['moe'] * scale:7.2f} s / 12 layers   ratio {bt['moe'] / bt['plain']:.2f}x "
+        f"(grads to routers and input)"
+    )
+
+    if a.sweep:
+        print("sweep (forward, ratio vs plain measured alongside):")
+        with torch.no_grad():
+            for chunk, tile in [(8, 64), (16, 32), (16, 64), (16, 128), (32, 32), (32, 64), (64, 16), (64, 32)]:
+                for m in moes:
+                    m.chunk_size, m.tile_rows = chunk, tile
+                tp = min(timed(lambda: plain_stack(plain, act, x)) for _ in range(2))
+                tm = min(timed(lambda: moe_stack(moes, x)) for _ in range(2))
+                print(f"  chunk={chunk:3d} tile_rows={tile:4d}: {tm / tp:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

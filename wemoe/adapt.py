@@ -1,0 +1,123 @@
+"""Test-time adaptation of the routers: the only training WEMoE does.
+
+Loss = sum over tasks of the mean Shannon entropy of that task's predictions
+(its own frozen head) on a batch of its UNLABELED images. Backbone, experts and
+heads stay frozen; one backward per task keeps only one task's activations in
+memory at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from wemoe.data import TaskData, preprocess
+from wemoe.heads import Head
+from wemoe.model.wemoe_model import WEMoEModel
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean Shannon entropy (nats) of softmax(logits) over the batch."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1).mean()
+
+
+@dataclass
+class AdaptResult:
+    steps: int
+    final_loss: float | None
+    initial_loss: float | None
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    diagnostics: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _sampler(n: int, batch_size: int, rng: np.random.Generator):
+    """Random batches: distinct images within a batch (unless the task has fewer)."""
+    while True:
+        yield rng.choice(n, size=batch_size, replace=batch_size > n)
+
+
+def adapt_routers(
+    model: WEMoEModel,
+    heads: dict[str, Head],
+    data: dict[str, TaskData],
+    steps: int = 1000,
+    lr: float = 1e-4,
+    batch_size: int = 16,
+    cosine: bool = False,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> AdaptResult:
+    params = model.router_parameters()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    model.train(False)
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))) if cosine else None
+    rng = np.random.default_rng(seed)
+    samplers = {t: _sampler(len(d), batch_size, rng) for t, d in data.items()}
+    arch = model.arch
+    result = AdaptResult(steps=steps, final_loss=None, initial_loss=None)
+    started = time.perf_counter()
+    with tqdm(range(steps), desc="adapting routers", unit="step", disable=not progress) as bar:
+        for _ in bar:
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for task, d in data.items():
+                images = preprocess(d.take(next(samplers[task])), arch, device)
+                loss = entropy(heads[task].logits(model(images)))
+                loss.backward()
+                total += loss.item()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            result.losses.append(total)
+            if result.initial_loss is None:
+                result.initial_loss = total
+            bar.set_postfix(loss=f"{total:.4f}")
+    for p in params:
+        p.requires_grad_(False)
+    result.final_loss = result.losses[-1] if result.losses else None
+    result.seconds = time.perf_counter() - started
+    result.diagnostics, result.warnings = collapse_check(model, heads, data, device, seed)
+    return result
+
+
+@torch.no_grad()
+def collapse_check(model: WEMoEModel, heads: dict[str, Head], data: dict[str, TaskData], device: str, seed: int, n: int = 64):
+    """Signs that entropy minimisation collapsed: routing that ignores the input,
+    coefficients far outside the usual range, or predictions with ~zero entropy
+    that all fall in one class."""
+    rng = np.random.default_rng(seed + 1)
+    spreads, lo, hi, warnings = [], math.inf, -math.inf, []
+    per_task = {}
+    for task, d in data.items():
+        idx = rng.choice(len(d), size=min(n, len(d)), replace=False)
+        images = preprocess(d.take(idx), model.arch, device)
+        routes = model.routing(images)
+        stacked = torch.stack(routes)  # (blocks, B, T)
+        spreads.append(stacked.std(dim=1).mean().item())
+        lo, hi = min(lo, stacked.min().item()), max(hi, stacked.max().item())
+        logits = heads[task].logits(model(images))
+        top_share = torch.bincount(logits.argmax(-1), minlength=logits.shape[-1]).max().item() / len(idx)
+        per_task[task] = {"entropy": entropy(logits).item(), "top_class_share": top_share}
+    diag = {"routing_spread": float(np.mean(spreads)), "coef_min": lo, "coef_max": hi, "tasks": per_task}
+    if diag["routing_spread"] < 1e-3:
+        warnings.append(f"routing hardly depends on the input (spread {diag['routing_spread']:.2e}): the routers may have collapsed")
+    if lo < -1.0 or hi > 2.0:
+        warnings.append(f"routing coefficients reach [{lo:.2f}, {hi:.2f}], far outside the usual 0..1: consider --coef-range")
+    for task, s in per_task.items():
+        if s["entropy"] < 1e-3 and s["top_class_share"] > 0.5:
+            warnings.append(f"task '{task}': predictions collapsed to one class ({100 * s['top_class_share']:.0f}% of images) with ~zero entropy")
+    return diag, warnings

@@ -1,0 +1,36 @@
+"""``wemoe routes``: mean routing weight per block and expert for each task's data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from wemoe.commands.evaluate import parse_task_spec
+from wemoe.data import load_data
+from wemoe.errors import WemoeError
+from wemoe.options import progress_enabled, resolve_device
+from wemoe.routing_report import mean_routing, routing_heatmap, routing_table
+from wemoe.saved import load_merged
+
+
+def run_routes(opts: dict[str, Any]) -> None:
+    specs = [parse_task_spec(s) for s in opts.get("tasks") or ()]
+    if not specs:
+        raise click.UsageError("no --task given (NAME=DATA)")
+    device = resolve_device(opts.get("device") or "auto")
+    model = load_merged(opts["model"], device=device)
+    datasets = {}
+    for name, _head, path in specs:
+        if name in datasets:
+            raise WemoeError(f"task '{name}' is given twice")
+        datasets[name] = load_data(path, opts.get("split") or "test").subset(opts.get("limit"))
+    means = {n: mean_routing(model, d, opts["batch_size"], device, progress_enabled(opts), desc=n) for n, d in datasets.items()}
+    click.echo(routing_table(model, means))
+    if opts.get("png"):
+        routing_heatmap(model, means, opts["png"])
+    if opts.get("json_path"):
+        report = {"experts": model.task_names, "blocks": model.moe_blocks, "mean_routing": {n: m.tolist() for n, m in means.items()}}
+        Path(opts["json_path"]).write_text(json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,368 @@
+"""Weight-ensembling MoE MLP (WEMoE, Tang et al., ICML 2024, arXiv 2402.00433).
+
+A ViT block's MLP ``fc2(act(fc1(x)))`` is replaced by a block whose weights are
+merged *per sample*::
+
+    r = router(x)                         # (B, T), token-averaged, no softmax
+    W_b = W0 + sum_i r[b, i] * tau_i      # fc1/fc2 weights AND biases
+    y_b = fc2_b(act(fc1_b(x_b)))
+
+``W0`` are the pretrained MLP tensors, ``tau_i = finetuned_i - pretrained`` the
+task vectors. Both are frozen buffers (persistent, so in ``state_dict``); only
+the router is trainable.
+
+How it is computed (the hot path)
+---------------------------------
+Materialising ``B`` full merged weight matrices is memory-traffic bound (B x
+|W| floats written and read again per layer). Instead both matrices are
+processed in tiles of ``tile_rows`` rows of the hidden dimension H:
+
+* the expert stack of each matrix is stored once, at init, as a ``(T, H, D)``
+  contiguous buffer (fc1 in its natural ``[H, D]`` layout, fc2 *transposed*,
+  ``[H, D]`` = ``fc2.weight.T``), so the tile ``h0:h1`` of all experts is the
+  2-D strided slice ``tau.view(T, H*D)[:, h0*D:h1*D]`` (no copies per call);
+* for a chunk of ``S`` samples one ``addmm`` merges the tile:
+  ``Wm = W0_tile + r_chunk @ tau_tile`` -> ``(S, R, D)`` (a few MB, stays in
+  cache), and one ``baddbmm`` applies it (fc1: ``x_s @ Wm^T`` into the output
+  columns ``h0:h1``; fc2: accumulates ``a_s[:, :, h0:h1] @ Wm`` into the
+  output);
+* loop order is tile-outer / sample-chunk-inner, so every expert tile is read
+  from memory once per call and reused for all samples while in cache; the fc1
+  input (B, N, D) is small, and fc2 reads only the matching input columns.
+
+Biases are merged for the whole batch at once (``b0 + r @ tau_b``, tiny).
+
+Backward is a custom ``autograd.Function`` with the same tiling: it re-merges
+each tile (no per-sample weights are saved), computes the input gradient with
+one ``baddbmm`` per tile and the routing gradient
+``dL/dr_bi = <dL/dW_b, tau_i> + <dL/db_b, tau_b_i>`` as the per-sample tile
+gradient ``(S, R, D)`` (one ``bmm``, contraction over the N tokens) times the
+expert tile (one ``mm``), again without materialising full per-sample weight
+gradients.
+
+No Python loop over samples or experts; the Python loop is over
+``ceil(H / tile_rows) * ceil(B / chunk_size)`` tiles.
+
+Dtypes: the merge and the matmuls run in the *buffer* dtype (float32 or
+bfloat16; the input and the routing are cast to it, the output is cast back to
+the input dtype). Routing gradients are accumulated in float32. On CPUs without
+native bf16 matmul units bfloat16 buffers halve memory but are not faster.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from wemoe.errors import WemoeError
+from wemoe.model.activations import get_activation
+from wemoe.model.router import Router
+
+# Defaults chosen by measurement on a 2-core AVX2 machine at ViT-B/32 sizes
+# (see benchmarks/moe_kernel_speed.py): merged tile S x R x D floats ~ 3 MiB.
+DEFAULT_CHUNK_SIZE = 16
+DEFAULT_TILE_ROWS = 64
+
+
+def _tiles(total: int, step: int):
+    for start in range(0, total, step):
+        yield start, min(total, start + step)
+
+
+def _merge_tile(w0: torch.Tensor, tau: torch.Tensor, r: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Merged rows ``lo:hi`` of the (H, D) weight for each sample of ``r``: (S, hi-lo, D)."""
+    d = w0.shape[1]
+    merged = torch.addmm(w0.view(1, -1)[:, lo * d : hi * d], r, tau.view(tau.shape[0], -1)[:, lo * d : hi * d])
+    return merged.view(r.shape[0], hi - lo, d)
+
+
+class _ExpandLinear(torch.autograd.Function):
+    """fc1: ``y_b = x_b @ (W0 + r_b . tau)^T + (b0 + r_b . tau_b)``.
+
+    ``x`` (B, N, D), ``r`` (B, T), ``w0`` (H, D), ``tau`` (T, H, D), ``b0`` (H,),
+    ``tau_b`` (T, H) -> (B, N, H). Everything already in the compute dtype
+    except ``r`` (cast here).
+    """
+
+    @staticmethod
+    def forward(ctx, x, r, w0, tau, b0, tau_b, chunk, tile):
+        B, N, D = x.shape
+        H = w0.shape[0]
+        rc = r.to(w0.dtype)
+        bias = torch.addmm(b0, rc, tau_b)  # (B, H)
+        out = torch.empty(B, N, H, dtype=w0.dtype, device=x.device)
+        for h0, h1 in _tiles(H, tile):
+            for s0, s1 in _tiles(B, chunk):
+                wm = _merge_tile(w0, tau, rc[s0:s1], h0, h1)
+                out[s0:s1, :, h0:h1] = torch.baddbmm(bias[s0:s1, None, h0:h1], x[s0:s1], wm.transpose(1, 2))
+        ctx.save_for_backward(x, r, w0, tau, tau_b)
+        ctx.chunk, ctx.tile = chunk, tile
+        return out
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, r, w0, tau, tau_b = ctx.saved_tensors
+        chunk, tile = ctx.chunk, ctx.tile
+        need_x, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        B, N, D = x.shape
+        H = w0.shape[0]
+        T = tau.shape[0]
+        gy = gy.to(w0.dtype).contiguous()
+        rc = r.to(w0.dtype)
+        gx = torch.zeros_like(x) if need_x else None
+        gr = None
+        if need_r:
+            gr = (gy.sum(dim=1) @ tau_b.t()).float()  # bias part, (B, T)
+        taus = tau.view(T, -1)
+        if need_x or need_r:
+            for h0, h1 in _tiles(H, tile):
+                for s0, s1 in _tiles(B, chunk):
+                    g = gy[s0:s1, :, h0:h1]
+                    if need_x:
+                        wm = _merge_tile(w0, tau, rc[s0:s1], h0, h1)
+                        gx[s0:s1].baddbmm_(g, wm)
+                    if need_r:
+                        gw = torch.bmm(g.transpose(1, 2), x[s0:s1])  # (S, R, D)
+                        gr[s0:s1] += (gw.view(s1 - s0, -1) @ taus[:, h0 * D : h1 * D].t()).float()
+        return gx, (gr.to(r.dtype) if gr is not None else None), None, None, None, None, None, None
+
+
+class _ContractLinear(torch.autograd.Function):
+    """fc2 with the transposed weight: ``y_b = a_b @ (W0t + r_b . tau)`` + bias.
+
+    ``a`` (B, N, H), ``r`` (B, T), ``w0t`` (H, D) (= fc2.weight.T), ``tau``
+    (T, H, D), ``b0`` (D,), ``tau_b`` (T, D) -> (B, N, D).
+    """
+
+    @staticmethod
+    def forward(ctx, a, r, w0t, tau, b0, tau_b, chunk, tile):
+        B, N, H = a.shape
+        D = w0t.shape[1]
+        rc = r.to(w0t.dtype)
+        bias = torch.addmm(b0, rc, tau_b)  # (B, D)
+        out = bias.unsqueeze(1).expand(B, N, D).contiguous()
+        for h0, h1 in _tiles(H, tile):
+            for s0, s1 in _tiles(B, chunk):
+                wm = _merge_tile(w0t, tau, rc[s0:s1], h0, h1)
+                out[s0:s1].baddbmm_(a[s0:s1, :, h0:h1], wm)
+        ctx.save_for_backward(a, r, w0t, tau, tau_b)
+        ctx.chunk, ctx.tile = chunk, tile
+        return out
+
+    @staticmethod
+    def backward(ctx, gy):
+        a, r, w0t, tau, tau_b = ctx.saved_tensors
+        chunk, tile = ctx.chunk, ctx.tile
+        need_a, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        B, N, H = a.shape
+        D = w0t.shape[1]
+        T = tau.shape[0]
+        gy = gy.to(w0t.dtype).contiguous()
+        rc = r.to(w0t.dtype)
+        ga = torch.empty_like(a) if need_a else None
+        gr = None
+        if need_r:
+            gr = (gy.sum(dim=1) @ tau_b.t()).float()
+        taus = tau.view(T, -1)
+        if need_a or need_r:
+            for h0, h1 in _tiles(H, tile):
+                for s0, s1 in _tiles(B, chunk):
+                    g = gy[s0:s1]
+                    if need_a:
+                        wm = _merge_tile(w0t, tau, rc[s0:s1], h0, h1)
+                        ga[s0:s1, :, h0:h1] = torch.bmm(g, wm.transpose(1, 2))
+                    if need_r:
+                        gw = torch.bmm(a[s0:s1, :, h0:h1].transpose(1, 2), g)  # (S, R, D)
+                        gr[s0:s1] += (gw.view(s1 - s0, -1) @ taus[:, h0 * D : h1 * D].t()).float()
+        return ga, (gr.to(r.dtype) if gr is not None else None), None, None, None, None, None, None
+
+
+class WeightEnsemblingMLP(nn.Module):
+    """A ViT MLP whose weights are merged per sample from task vectors.
+
+    Buffers (all persistent, i.e. in ``state_dict``; H hidden, D width,
+    T experts):
+
+    ``fc1_weight`` (H, D), ``fc1_bias`` (H,), ``fc2_weight_t`` (H, D) =
+    ``fc2.weight.T``, ``fc2_bias`` (D,), ``expert_fc1_weight`` (T, H, D),
+    ``expert_fc1_bias`` (T, H), ``expert_fc2_weight_t`` (T, H, D) = expert fc2
+    weights transposed, ``expert_fc2_bias`` (T, D).
+
+    The fc2 tensors are stored transposed so that both matrices are tiled along
+    H with contiguous tiles; ``merged_mlp`` returns the usual layouts.
+
+    Parameters: only ``router``.
+
+    ``chunk_size`` (samples per merged tile) and ``tile_rows`` (rows of H per
+    tile) only change speed, never results beyond float rounding; ``None``
+    picks the defaults. ``coef_range=(lo, hi)`` clamps the router output.
+    """
+
+    def __init__(
+        self,
+        fc1_weight: torch.Tensor,
+        fc1_bias: torch.Tensor,
+        fc2_weight: torch.Tensor,
+        fc2_bias: torch.Tensor,
+        expert_fc1_weight: torch.Tensor,
+        expert_fc1_bias: torch.Tensor,
+        expert_fc2_weight: torch.Tensor,
+        expert_fc2_bias: torch.Tensor,
+        activation: str,
+        router_layers: int = 2,
+        init_lambda: float = 0.3,
+        coef_range: tuple[float, float] | None = None,
+        chunk_size: int | None = None,
+        tile_rows: int | None = None,
+    ):
+        super().__init__()
+        if fc1_weight.dim() != 2:
+            raise WemoeError(f"fc1 weight must be 2-D [H, D], got {tuple(fc1_weight.shape)}", tensor="fc1.weight")
+        H, D = fc1_weight.shape
+        if expert_fc1_weight.dim() != 3:
+            raise WemoeError(
+                f"expert fc1 weights must be a (T, H, D) stack, got {tuple(expert_fc1_weight.shape)}",
+                tensor="expert_fc1_weight",
+            )
+        T = expert_fc1_weight.shape[0]
+        expected = {
+            "fc1_bias": (fc1_bias, (H,)),
+            "fc2_weight": (fc2_weight, (D, H)),
+            "fc2_bias": (fc2_bias, (D,)),
+            "expert_fc1_weight": (expert_fc1_weight, (T, H, D)),
+            "expert_fc1_bias": (expert_fc1_bias, (T, H)),
+            "expert_fc2_weight": (expert_fc2_weight, (T, D, H)),
+            "expert_fc2_bias": (expert_fc2_bias, (T, D)),
+        }
+        for name, (tensor, shape) in expected.items():
+            if tuple(tensor.shape) != shape:
+                raise WemoeError(f"expected shape {shape}, got {tuple(tensor.shape)}", tensor=name)
+        dtype = fc1_weight.dtype
+        if dtype not in (torch.float32, torch.bfloat16, torch.float64, torch.float16):
+            raise WemoeError(f"unsupported weight dtype {dtype}", tensor="fc1.weight")
+        if T < 1:
+            raise WemoeError("need at least one expert")
+        if coef_range is not None:
+            lo, hi = (float(v) for v in coef_range)
+            if not lo <= hi:
+                raise WemoeError(f"coef_range must be (lo, hi) with lo <= hi, got {coef_range}")
+            coef_range = (lo, hi)
+        for name, value in (("chunk_size", chunk_size), ("tile_rows", tile_rows)):
+            if value is not None and int(value) < 1:
+                raise WemoeError(f"{name} must be a positive integer, got {value}")
+
+        self.activation_name = activation
+        self.act: Callable[[torch.Tensor], torch.Tensor] = get_activation(activation)
+        self.width, self.hidden, self.num_experts = int(D), int(H), int(T)
+        self.coef_range = coef_range
+        self.chunk_size = int(chunk_size) if chunk_size is not None else None
+        self.tile_rows = int(tile_rows) if tile_rows is not None else None
+
+        def buf(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(dtype).contiguous().clone()
+
+        self.register_buffer("fc1_weight", buf(fc1_weight))
+        self.register_buffer("fc1_bias", buf(fc1_bias))
+        self.register_buffer("fc2_weight_t", buf(fc2_weight.t()))
+        self.register_buffer("fc2_bias", buf(fc2_bias))
+        self.register_buffer("expert_fc1_weight", buf(expert_fc1_weight))
+        self.register_buffer("expert_fc1_bias", buf(expert_fc1_bias))
+        self.register_buffer("expert_fc2_weight_t", buf(expert_fc2_weight.transpose(1, 2)))
+        self.register_buffer("expert_fc2_bias", buf(expert_fc2_bias))
+
+        self.router = Router(D, T, layers=router_layers, init_lambda=init_lambda)
+        self.last_routing: torch.Tensor | None = None
+
+    # -- routing -----------------------------------------------------------------
+
+    def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Merging coefficients (B, T) for the MLP input ``x`` (B, N, D), clamped to ``coef_range``."""
+        r = self.router(x)
+        if self.coef_range is not None:
+            r = r.clamp(self.coef_range[0], self.coef_range[1])
+        return r
+
+    def _resolve_routing(self, x: torch.Tensor, routing: torch.Tensor | None) -> torch.Tensor:
+        B = x.shape[0]
+        if routing is None:
+            return self.routing_weights(x)
+        routing = torch.as_tensor(routing, device=x.device)
+        if not routing.is_floating_point():
+            routing = routing.float()
+        if routing.dim() == 1:
+            routing = routing.unsqueeze(0).expand(B, -1)
+        if routing.shape != (B, self.num_experts):
+            raise WemoeError(
+                f"routing override must have shape ({self.num_experts},) or ({B}, {self.num_experts}), "
+                f"got {tuple(routing.shape)}"
+            )
+        return routing
+
+    # -- forward -----------------------------------------------------------------
+
+    def _sizes(self, batch: int) -> tuple[int, int]:
+        chunk = self.chunk_size or DEFAULT_CHUNK_SIZE
+        tile = self.tile_rows or DEFAULT_TILE_ROWS
+        return max(1, min(chunk, batch)), max(1, min(tile, self.hidden))
+
+    def forward(self, x: torch.Tensor, routing: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` (B, N, D) -> (B, N, D).
+
+        ``routing`` forces the coefficients: (T,) for every sample or (B, T);
+        it is used as given (no ``coef_range`` clamp). The coefficients used are
+        kept, detached, in ``self.last_routing``.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.width:
+            raise WemoeError(f"expected input (B, N, {self.width}), got {tuple(x.shape)}")
+        r = self._resolve_routing(x, routing)
+        self.last_routing = r.detach()
+        dtype = self.fc1_weight.dtype
+        xc = x.to(dtype).contiguous()
+        chunk, tile = self._sizes(x.shape[0])
+        h = _ExpandLinear.apply(
+            xc, r, self.fc1_weight, self.expert_fc1_weight, self.fc1_bias, self.expert_fc1_bias, chunk, tile
+        )
+        a = self.act(h).contiguous()
+        y = _ContractLinear.apply(
+            a, r, self.fc2_weight_t, self.expert_fc2_weight_t, self.fc2_bias, self.expert_fc2_bias, chunk, tile
+        )
+        return y.to(x.dtype)
+
+    # -- export ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def merged_mlp(self, coefs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Plain MLP tensors ``W0 + sum_i coefs[i] * tau_i`` in the usual layouts.
+
+        Returns ``{"fc1.weight": (H, D), "fc1.bias": (H,), "fc2.weight": (D, H),
+        "fc2.bias": (D,)}`` (new contiguous tensors, buffer dtype; merged in
+        float32 or better).
+        """
+        coefs = torch.as_tensor(coefs).reshape(-1)
+        if coefs.numel() != self.num_experts:
+            raise WemoeError(f"merged_mlp needs {self.num_experts} coefficients, got {coefs.numel()}")
+        dtype = self.fc1_weight.dtype
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        c = coefs.to(device=self.fc1_weight.device, dtype=work)
+
+        def merge(base: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+            flat = experts.reshape(self.num_experts, -1).to(work)
+            return (base.reshape(-1).to(work) + c @ flat).reshape(base.shape).to(dtype)
+
+        return {
+            "fc1.weight": merge(self.fc1_weight, self.expert_fc1_weight).contiguous(),
+            "fc1.bias": merge(self.fc1_bias, self.expert_fc1_bias),
+            "fc2.weight": merge(self.fc2_weight_t, self.expert_fc2_weight_t).t().contiguous(),
+            "fc2.bias": merge(self.fc2_bias, self.expert_fc2_bias),
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"width={self.width}, hidden={self.hidden}, num_experts={self.num_experts}, "
+            f"activation={self.activation_name!r}, coef_range={self.coef_range}"
+        )
+
+
+__all__ = ["WeightEnsemblingMLP", "DEFAULT_CHUNK_SIZE", "DEFAULT_TILE_ROWS"]

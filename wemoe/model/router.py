@@ -1,0 +1,87 @@
+"""The per-block router of a weight-ensembling MoE MLP.
+
+The router maps the MLP input tokens ``x`` (B, N, D) to one vector of ``T``
+merging coefficients per sample (B, T). Per the WEMoE paper the router output
+is *not* softmax-normalised: the raw outputs are the task-vector coefficients.
+Token outputs are averaged over all tokens (CLS included).
+
+``layers``:
+
+* 2 (default): ``Linear(D, D) -> ReLU -> Linear(D, T)``
+* 1: ``Linear(D, T)``
+* 0: a learnable constant vector of ``T`` coefficients (= layer-wise
+  AdaMerging); the input only fixes the batch size.
+
+Init: weights ~ N(0, init_std), hidden bias 0, output bias = ``init_lambda``,
+so at init every sample gets coefficients close to ``init_lambda``.
+
+Implementation note: because the last layer is affine, the token mean is taken
+*before* it (``mean_n(W h_n + b) == W mean_n(h_n) + b``), which is exact up to
+float rounding and saves a (B, N, T) intermediate. For ``layers=1`` the mean is
+therefore taken over the raw input tokens.
+
+The router computes in the dtype of its own parameters (the input is cast);
+the output has that dtype too.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from wemoe.errors import WemoeError
+
+
+class Router(nn.Module):
+    def __init__(
+        self,
+        width: int,
+        num_experts: int,
+        layers: int = 2,
+        init_lambda: float = 0.3,
+        init_std: float = 0.01,
+    ):
+        super().__init__()
+        if layers not in (0, 1, 2):
+            raise WemoeError(f"router layers must be 0, 1 or 2, got {layers}")
+        if width <= 0 or num_experts <= 0:
+            raise WemoeError(f"router needs positive width and expert count, got {width}, {num_experts}")
+        self.width = int(width)
+        self.num_experts = int(num_experts)
+        self.layers = int(layers)
+        self.init_lambda = float(init_lambda)
+        self.init_std = float(init_std)
+        if layers == 0:
+            self.coefficients = nn.Parameter(torch.full((num_experts,), float(init_lambda)))
+        elif layers == 1:
+            self.out = nn.Linear(width, num_experts)
+        else:
+            self.hidden = nn.Linear(width, width)
+            self.out = nn.Linear(width, num_experts)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            if self.layers == 0:
+                self.coefficients.fill_(self.init_lambda)
+                return
+            if self.layers == 2:
+                nn.init.normal_(self.hidden.weight, mean=0.0, std=self.init_std)
+                nn.init.zeros_(self.hidden.bias)
+            nn.init.normal_(self.out.weight, mean=0.0, std=self.init_std)
+            nn.init.constant_(self.out.bias, self.init_lambda)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.width:
+            raise WemoeError(f"router expects input (B, N, {self.width}), got {tuple(x.shape)}")
+        if self.layers == 0:
+            return self.coefficients.unsqueeze(0).expand(x.shape[0], -1)
+        dtype = self.out.weight.dtype
+        x = x.to(dtype)
+        if self.layers == 1:
+            return self.out(x.mean(dim=1))
+        h = torch.relu(self.hidden(x))
+        return self.out(h.mean(dim=1))
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, num_experts={self.num_experts}, layers={self.layers}"
