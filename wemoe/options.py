@@ -122,6 +122,8 @@ def apply_config(opts: dict[str, Any], command: str) -> dict[str, Any]:
             if key in cfg and opts.get(opt) in (None, ()):
                 opts[opt] = _rel(here, cfg[key]) if key in PATH_KEYS else cfg[key]
         for opt, field in (("tasks", "checkpoint"), ("heads", "head"), ("data", "data")):
+            if opt == "data" and opts.get("method") != "wemoe":
+                continue  # the tasks' data serves `eval --config`; static merges take none
             if not opts.get(opt):
                 opts[opt] = tuple(f"{n}={_rel(here, s[field])}" for n, s in tasks.items() if s.get(field))
     else:

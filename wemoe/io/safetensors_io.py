@@ -40,6 +40,13 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 ALIGN = 8
 
 
+def _json_int(value: object) -> int:
+    """A header number: a JSON integer, not a float, string or bool that int() would accept."""
+    if type(value) is not int:
+        raise TypeError(f"expected an integer, got {value!r}")
+    return value
+
+
 def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -76,8 +83,8 @@ class SafetensorsFile:
         for key, info in header.items():
             try:
                 dtype = DTYPES[info["dtype"]]
-                shape = tuple(int(d) for d in info["shape"])
-                start, end = (int(o) for o in info["data_offsets"])
+                shape = tuple(_json_int(d) for d in info["shape"])
+                start, end = (_json_int(o) for o in info["data_offsets"])
             except (KeyError, TypeError, ValueError):
                 raise WemoeError("corrupted safetensors header entry", path=self.path, tensor=key) from None
             numel = 1

@@ -1,0 +1,301 @@
+"""Speed and memory of wemoe at real scale (CLIP ViT-B/32 by default, 8 experts).
+
+    python -m benchmarks.speed                       # ViT-B/32, 8 experts, batch 64
+    python -m benchmarks.speed --arch ViT-L-14 --experts 8 --batch 16
+    python -m benchmarks.speed --experts 20
+
+Random-init checkpoints in the open_clip layout (task checkpoints = base plus
+random perturbations of 1-3% of each tensor's norm, like real fine-tuning).
+Every number is a ratio measured in ONE run, each stage in its own process so
+its peak RSS is its own:
+  a. `wemoe merge` wall time and peak RSS for task arithmetic and the WEMoE
+     build (no adaptation), against the on-disk size of (output + one input);
+  b. batch inference: WEMoE per-sample routing vs the plain ViT vs a naive
+     per-sample loop (a few samples, scaled), outputs checked equal;
+  c. one adaptation step (T tasks x 16 images, forward + backward of the
+     routers) vs the plain ViT forward + backward on the same images;
+  d. peak RSS of (b) and (c).
+Writes benchmarks/results/speed*.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / "benchmarks" / "cache" / "speed"
+RESULTS = REPO / "benchmarks" / "results"
+GOALS = {"forward_vs_naive": 10.0, "forward_vs_plain": 2.0, "step_vs_plain": 3.0, "merge_rss": 1.3}
+
+
+def _gb(n: float) -> float:
+    return n / 1e9
+
+
+def make_checkpoints(arch: str, experts: int, directory: Path) -> tuple[Path, list[Path]]:
+    """Base + ``experts`` fine-tune-like copies, written once and reused."""
+    import torch
+    from open_clip.transformer import QuickGELU, VisionTransformer
+
+    from wemoe.arch import KNOWN_ARCHS
+    from wemoe.io.safetensors_io import save_tensors
+
+    a = KNOWN_ARCHS[arch]
+    directory.mkdir(parents=True, exist_ok=True)
+    base_path = directory / "base.safetensors"
+    task_paths = [directory / f"task{i:02d}.safetensors" for i in range(experts)]
+    meta = {"heads": str(a["heads"]), "activation": a["activation"]}
+    if base_path.exists() and all(p.exists() for p in task_paths):
+        return base_path, task_paths
+    torch.manual_seed(0)
+    act = QuickGELU if a["activation"] == "quick_gelu" else torch.nn.GELU
+    model = VisionTransformer(image_size=a["image_size"], patch_size=a["patch_size"], width=a["width"], layers=a["depth"],
+                              heads=a["heads"], mlp_ratio=a["mlp_width"] / a["width"], output_dim=a["embed_dim"], act_layer=act)
+    base = {"visual." + k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    del model
+    if not base_path.exists():
+        save_tensors(base_path, base, meta)
+    g = torch.Generator().manual_seed(1)
+    for i, p in enumerate(task_paths):
+        if p.exists():
+            continue
+        task = {}
+        for k, v in base.items():
+            if v.is_floating_point() and v.numel() > 1:
+                noise = torch.randn(v.shape, generator=g)
+                rel = 0.01 + 0.02 * torch.rand((), generator=g).item()
+                task[k] = (v + noise * (rel * v.norm() / noise.norm())).contiguous()
+            else:
+                task[k] = v
+        save_tensors(p, task, meta)
+    return base_path, task_paths
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def measure(cmd: list[str]) -> tuple[float, int, str]:
+    """Wall time, peak RSS and stdout of a child, reaped with wait4 to get its own rusage."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    out_chunks, err_chunks = [], []
+    import threading
+
+    def pump(stream, sink):
+        for line in iter(stream.readline, b""):
+            sink.append(line)
+
+    threads = [threading.Thread(target=pump, args=(proc.stdout, out_chunks)), threading.Thread(target=pump, args=(proc.stderr, err_chunks))]
+    for t in threads:
+        t.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    for t in threads:
+        t.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd[:6]))} failed:\n{b''.join(err_chunks).decode()[-3000:]}")
+    return time.perf_counter() - t0, usage.ru_maxrss * 1024, b"".join(out_chunks).decode()
+
+
+def stage_merges(base: Path, tasks: list[Path], work: Path, threads: int) -> dict:
+    res = {}
+    for method in ("task-arithmetic", "wemoe"):
+        out = work / f"merged-{method}"
+        cmd = [sys.executable, "-m", "wemoe.cli", "merge", "--base", str(base), "--tasks", *map(str, tasks), "--method", method,
+               "--out", str(out), "--force", "--quiet", "--device", "cpu"]
+        env_threads = ["env", f"OMP_NUM_THREADS={threads}"]
+        wall, rss, _ = measure(env_threads + cmd)
+        ref = dir_size(out) + tasks[0].stat().st_size
+        res[method] = {"seconds": round(wall, 2), "peak_rss_gb": round(_gb(rss), 3), "output_gb": round(_gb(dir_size(out)), 3),
+                       "input_gb": round(_gb(tasks[0].stat().st_size), 3), "rss_ratio": round(rss / ref, 3)}
+    return res
+
+
+# ----------------------------------------------------------------- child stages
+def _setup(model_dir: str, base: str, threads: int):
+    import torch
+
+    torch.set_num_threads(threads)
+    import wemoe
+    from wemoe.checkpoint import open_checkpoint
+    from wemoe.model.vit import build_vit
+
+    moe = wemoe.load(model_dir)
+    ck = open_checkpoint(base)
+    plain = build_vit(ck.arch, ck.state_dict())
+    return torch, moe, plain
+
+
+def _time(fn, repeat: int = 2) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def child_inference(model_dir: str, base: str, batch: int, naive_samples: int, threads: int) -> dict:
+    torch, moe, plain = _setup(model_dir, base, threads)
+    from wemoe.model.moe_reference import naive_moe_forward
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, moe.arch.image_size, moe.arch.image_size, generator=g)
+    with torch.no_grad():
+        t_plain = _time(lambda: plain(x))
+        t_moe = _time(lambda: moe(x))
+        y = moe(x)
+
+        def naive(xs):
+            outs = []
+            for i in range(xs.shape[0]):
+                h = moe.tokens(xs[i : i + 1])
+                for b, blk in enumerate(moe.blocks):
+                    h = h + blk.attn(blk.norm1(h))
+                    z = blk.norm2(h)
+                    h = h + (naive_moe_forward(blk.mlp, z) if b in moe.moe_blocks else blk.mlp(z))
+                outs.append(moe.head(moe.norm(h[:, 0])))
+            return torch.cat(outs)
+
+        xs = x[:naive_samples]
+        t0 = time.perf_counter()
+        y_naive = naive(xs)
+        t_naive = (time.perf_counter() - t0) * batch / naive_samples
+    rel = ((y[:naive_samples] - y_naive).norm() / y_naive.norm()).item()
+    return {"plain_s": t_plain, "wemoe_s": t_moe, "naive_s_scaled": t_naive, "naive_samples": naive_samples, "max_rel_diff": rel}
+
+
+def child_step(model_dir: str, base: str, per_task: int, threads: int) -> dict:
+    torch, moe, plain = _setup(model_dir, base, threads)
+    from wemoe.adapt import entropy
+
+    T = len(moe.task_names)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(per_task, 3, moe.arch.image_size, moe.arch.image_size, generator=g) for _ in range(T)]
+    heads = [torch.randn(10, moe.arch.output_dim, generator=g) for _ in range(T)]
+    params = moe.router_parameters()
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=1e-4)
+
+    def moe_step():
+        opt.zero_grad()
+        for x, h in zip(xs, heads):
+            entropy(moe(x) @ h.T).backward()
+        opt.step()
+
+    plain.train(False)
+    for p in plain.parameters():
+        p.requires_grad_(True)
+    allx = torch.cat(xs)
+    allh = torch.cat(heads)
+
+    def plain_step():
+        plain.zero_grad()
+        entropy(plain(allx) @ allh.T).backward()
+
+    return {"plain_fwd_bwd_s": _time(plain_step, 1), "wemoe_step_s": _time(moe_step, 1), "images": per_task * T}
+
+
+def run_child(args: argparse.Namespace) -> None:
+    if args.stage == "inference":
+        res = child_inference(args.model, args.base, args.batch, args.naive_samples, args.threads)
+    else:
+        res = child_step(args.model, args.base, args.per_task, args.threads)
+    print(json.dumps(res))
+
+
+# ----------------------------------------------------------------- report
+def report_md(r: dict) -> str:
+    a, b, c = r["merge"], r["inference"], r["step"]
+    fwd_naive = b["naive_s_scaled"] / b["wemoe_s"]
+    fwd_plain = b["wemoe_s"] / b["plain_s"]
+    step = c["wemoe_step_s"] / c["plain_fwd_bwd_s"]
+    ok = lambda cond: "meets goal" if cond else "**misses goal**"  # noqa: E731
+    lines = [
+        f"# Speed and memory: {r['arch']}, {r['experts']} experts, batch {r['batch']} ({r['device']}, {r['threads']} threads)",
+        "",
+        f"Generated by `{r['command']}`; ratios measured in one run. Do not edit by hand.",
+        "",
+        "| measurement | value | ratio | goal |",
+        "|---|---|---|---|",
+        f"| (a) merge, task arithmetic | {a['task-arithmetic']['seconds']} s, peak RSS {a['task-arithmetic']['peak_rss_gb']} GB | "
+        f"{a['task-arithmetic']['rss_ratio']}x (output + one input = {a['task-arithmetic']['output_gb'] + a['task-arithmetic']['input_gb']:.2f} GB) | <= 1.3x: {ok(a['task-arithmetic']['rss_ratio'] <= 1.3)} |",
+        f"| (a) merge, WEMoE build (no adaptation) | {a['wemoe']['seconds']} s, peak RSS {a['wemoe']['peak_rss_gb']} GB | "
+        f"{a['wemoe']['rss_ratio']}x (output + one input = {a['wemoe']['output_gb'] + a['wemoe']['input_gb']:.2f} GB) | <= 1.3x: {ok(a['wemoe']['rss_ratio'] <= 1.3)} |",
+        f"| (b) forward, plain ViT | {b['plain_s']:.3f} s | 1.0 | |",
+        f"| (b) forward, WEMoE per-sample routing | {b['wemoe_s']:.3f} s | {fwd_plain:.2f}x plain | <= 2x: {ok(fwd_plain <= 2)} |",
+        f"| (b) forward, naive per-sample loop ({b['naive_samples']} samples, scaled) | {b['naive_s_scaled']:.2f} s | WEMoE is {fwd_naive:.1f}x faster | >= 10x: {ok(fwd_naive >= 10)} |",
+        f"| (b) WEMoE vs naive loop, relative difference | {b['max_rel_diff']:.1e} | | <= 1e-5: {ok(b['max_rel_diff'] <= 1e-5)} |",
+        f"| (c) plain ViT forward + backward, {c['images']} images | {c['plain_fwd_bwd_s']:.3f} s | 1.0 | |",
+        f"| (c) WEMoE adaptation step ({r['experts']} tasks x {c['images'] // r['experts']} images) | {c['wemoe_step_s']:.3f} s | {step:.2f}x plain | <= 3x: {ok(step <= 3)} |",
+        f"| (d) peak RSS, inference stage | {r['inference_rss_gb']:.2f} GB | | |",
+        f"| (d) peak RSS, adaptation stage | {r['step_rss_gb']:.2f} GB | | |",
+        "",
+    ]
+    if r.get("notes"):
+        lines += ["## Notes", "", *[f"- {n}" for n in r["notes"]], ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.speed", description="Speed and memory of wemoe at real scale.")
+    ap.add_argument("--arch", default="ViT-B-32-quickgelu")
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--per-task", type=int, default=16)
+    ap.add_argument("--naive-samples", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--stage", choices=["inference", "step"], help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--base", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.stage:
+        run_child(args)
+        return
+    tag = f"{args.arch}-{args.experts}"
+    work = CACHE / tag
+    print(f"checkpoints: {work}", flush=True)
+    base, tasks = make_checkpoints(args.arch, args.experts, work)
+    print("(a) merges", flush=True)
+    merges = stage_merges(base, tasks, work, args.threads)
+    model = work / "merged-wemoe"
+    child = [sys.executable, "-m", "benchmarks.speed", "--stage"]
+    common = ["--model", str(model), "--base", str(base), "--threads", str(args.threads)]
+    print("(b) inference", flush=True)
+    _, rss_b, out_b = measure(child + ["inference", *common, "--batch", str(args.batch), "--naive-samples", str(args.naive_samples)])
+    print("(c) adaptation step", flush=True)
+    _, rss_c, out_c = measure(child + ["step", *common, "--per-task", str(args.per_task)])
+    import torch
+
+    result = {
+        "arch": args.arch, "experts": args.experts, "batch": args.batch, "threads": args.threads,
+        "device": "cpu", "command": "python -m benchmarks.speed " + " ".join(a for a in (argv or sys.argv[1:])),
+        "merge": merges, "inference": json.loads(out_b.strip().splitlines()[-1]), "step": json.loads(out_c.strip().splitlines()[-1]),
+        "inference_rss_gb": _gb(rss_b), "step_rss_gb": _gb(rss_c), "torch": torch.__version__,
+    }
+    b, c = result["inference"], result["step"]
+    result["ratios"] = {
+        "forward_vs_naive": b["naive_s_scaled"] / b["wemoe_s"], "forward_vs_plain": b["wemoe_s"] / b["plain_s"],
+        "step_vs_plain": c["wemoe_step_s"] / c["plain_fwd_bwd_s"],
+        "merge_rss_task_arithmetic": merges["task-arithmetic"]["rss_ratio"], "merge_rss_wemoe": merges["wemoe"]["rss_ratio"],
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    stem = "speed" if (args.arch, args.experts) == ("ViT-B-32-quickgelu", 8) else f"speed_{args.arch}_{args.experts}"
+    md = report_md(result)
+    (args.results / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.results / f"{stem}.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
