@@ -179,6 +179,22 @@ def write_results(report: dict, results_dir: Path, stem: str) -> None:
     (results_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (results_dir / f"{stem}.md").write_text(markdown(report))
     plot(report, results_dir / f"{stem}.png")
+    if not report["quick"] and results_dir.resolve() == RESULTS.resolve():
+        update_readme(report)
+
+
+def update_readme(report: dict) -> None:
+    """Keep the README's table generated, never typed: replace the marked block."""
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
+    if start not in text or end not in text:
+        return
+    body = markdown(report).split("\n", 2)[2].strip()
+    block = "\n".join([start, body, "", "![accuracy](benchmarks/results/accuracy.png)", "",
+                       "Routing on the zoo (mean routing weight per block and expert, per task's data): "
+                       "![routing heatmap](benchmarks/results/routing.png)", end])
+    readme.write_text(text[: text.index(start)] + block + text[text.index(end) + len(end):])
 
 
 def plot(report: dict, path: Path) -> None:
@@ -214,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache", type=Path, default=None)
     args = ap.parse_args(argv)
     os.environ.setdefault("TQDM_MININTERVAL", "5")
-    report = run(args.quick, args.results, args.steps, args.cache)
+    run(args.quick, args.results, args.steps, args.cache)
     print()
     print((args.results / ("accuracy_quick.md" if args.quick else "accuracy.md")).read_text())
 

@@ -62,7 +62,7 @@ def make_checkpoints(arch: str, experts: int, directory: Path) -> tuple[Path, li
     if not base_path.exists():
         save_tensors(base_path, base, meta)
     g = torch.Generator().manual_seed(1)
-    for i, p in enumerate(task_paths):
+    for p in task_paths:
         if p.exists():
             continue
         task = {}

@@ -20,9 +20,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 from cli_helpers import assert_one_line_error, run_cli
 from factories import DEPTH, EMBED, HEADS, IMAGE, PATCH, WIDTH, write, zoo
+
 from wemoe.cli import main
 from wemoe.errors import WemoeError
 from wemoe.io.safetensors_io import save_tensors
@@ -312,7 +312,7 @@ def test_different_width_depth_and_patch(z, capsys):
     from open_clip.transformer import VisionTransformer
 
     def other(**kw):
-        args = dict(image_size=IMAGE, patch_size=PATCH, width=WIDTH, layers=DEPTH, heads=HEADS, mlp_ratio=4.0, output_dim=EMBED) | kw
+        args = {"image_size": IMAGE, "patch_size": PATCH, "width": WIDTH, "layers": DEPTH, "heads": HEADS, "mlp_ratio": 4.0, "output_dim": EMBED} | kw
         torch.manual_seed(1)
         return {"visual." + k: v.contiguous() for k, v in VisionTransformer(**args).state_dict().items()}
 
@@ -350,6 +350,12 @@ def test_missing_extra_dtype_nonfinite(z, capsys):
         p = _state(z, poison, name)
         merge_refused(capsys, z, [str(p), str(z.tasks[1])], f"{name}.safetensors", "visual.proj", word)
         merge_refused(capsys, z, [str(z.tasks[0])], f"{name}.safetensors", "visual.proj", word, base=p)
+
+
+@pytest.mark.parametrize("heads", ["two", "0", "-2"])
+def test_malformed_architecture_metadata(z, capsys, heads):
+    p = write(z.tmp / f"meta_heads_{heads}.safetensors", z.states[0], {"heads": heads})
+    merge_refused(capsys, z, [str(z.tasks[0])], f"meta_heads_{heads}.safetensors", base=p)
 
 
 def test_same_checkpoint_twice_and_no_tasks(z, capsys):
@@ -424,9 +430,13 @@ def test_sharded_index(z, capsys):
     d = _sharded(z, "shard_missing", missing)
     merge_refused(capsys, z, [str(d)], "model.safetensors.index.json", "c.safetensors")
     d = _sharded(z, "shard_outside", outside)
-    merge_refused(capsys, z, [str(d)], "model.safetensors.index.json", "x.safetensors")
+    merge_refused(capsys, z, [str(d)], "model.safetensors.index.json", "../x.safetensors", "outside")
     d = _sharded(z, "shard_absolute", absolute)
     merge_refused(capsys, z, [str(d)], "model.safetensors.index.json", "b.safetensors")
+    d = _sharded(z, "shard_outside_abs", lambda wm, d: {k: (str(z.tmp / "x.safetensors") if v == "b.safetensors" else v) for k, v in wm.items()})
+    merge_refused(capsys, z, [str(d)], "model.safetensors.index.json", "x.safetensors", "outside")
+    d = _sharded(z, "shard_list_value", lambda wm, d: {k: (["b.safetensors"] if v == "b.safetensors" else v) for k, v in wm.items()})
+    merge_refused(capsys, z, [str(d)], "model.safetensors.index.json", "weight_map")
     d = _sharded(z, "shard_dup", dup)
     merge_refused(capsys, z, [str(d)], "shard_dup", "two shards")
     d = _sharded(z, "shard_garbage", lambda wm, d: wm)
@@ -465,7 +475,6 @@ def test_heads_that_do_not_fit(z, capsys):
     merge_refused(capsys, z, tasks, "wide_head.safetensors", f"{EMBED * 2} features", extra=("--heads", f"a={d / 'wide_head.safetensors'}"))
     merge_refused(capsys, z, tasks, "nan_head.safetensors", extra=("--method", "wemoe", "--heads", f"b={d / 'nan_head.safetensors'}"))
     merge_refused(capsys, z, tasks, "'c'", extra=("--heads", f"c={z.head}"))
-    # labels beyond the head's classes, caught while validating the wemoe merge's data? the head decides the classes
     merge_refused(capsys, z, tasks, "wide_head.safetensors", extra=("--method", "wemoe", "--heads", f"a={d / 'wide_head.safetensors'}", "--data", f"a={z.data}"))
 
 
@@ -502,6 +511,42 @@ def test_mislabelled_npz(z, capsys):
     (d / "data.csv").write_text("1,2,3\n")
     eval_refused(capsys, z, f"t={z.head}:{d / 'data.csv'}", "data.csv", "image folder or an .npz")
     eval_refused(capsys, z, f"t={z.head}:{d / 'nothing_here'}", "nothing_here", "no such file")
+    for report, fragment in ((d, "is a directory"), (d / "missing_dir" / "r.json", "does not exist")):
+        rc, stdout, err = run_cli(capsys, "eval", z.base, "--task", f"t={z.head}:{z.data}", "--json", report)
+        assert_one_line_error(rc, err, str(report), fragment)
+        assert stdout == ""
+
+
+def test_bad_data_refuses_a_wemoe_merge_before_compute(z, capsys, monkeypatch):
+    import wemoe.upscale
+
+    def no_compute(*a, **k):
+        raise AssertionError("compute started before the data was validated")
+
+    monkeypatch.setattr(wemoe.upscale, "build_wemoe", no_compute)
+    d = fresh(z, "merge_data")
+    np.savez(d / "float_images.npz", x=z.x.astype(np.float32), y=z.y)
+    np.savez(d / "short_labels.npz", x=z.x, y=z.y[:3])
+    tasks = [f"a={z.tasks[0]}", f"b={z.tasks[1]}"]
+    for name, fragment in (("float_images.npz", "uint8"), ("short_labels.npz", "labels")):
+        merge_refused(capsys, z, tasks, name, fragment, extra=("--method", "wemoe", "--heads", f"a={z.head}", "--data", f"a={d / name}"))
+    merge_refused(capsys, z, tasks, "'c'", extra=("--method", "wemoe", "--heads", f"a={z.head}", "--data", f"c={z.data}"))
+    # the data's labels say which head it belongs with: a head with too few classes is the wrong one
+    save_tensors(d / "two_classes.safetensors", {"weight": torch.zeros(2, EMBED)})
+    merge_refused(capsys, z, tasks, "data.npz", "2 classes", extra=("--method", "wemoe", "--heads", f"a={d / 'two_classes.safetensors'}", "--data", f"a={z.data}"))
+    merge_refused(capsys, z, tasks, "folder", "2 classes", extra=("--method", "wemoe", "--heads", f"a={d / 'two_classes.safetensors'}", "--data", f"a={z.folder}"))
+    merge_refused(capsys, z, tasks, "only applies", extra=("--data", f"a={z.data}"), code=2)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims a huge image (a decompression bomb), with valid checksums."""
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def _folder(z, name: str) -> Path:
@@ -533,6 +578,9 @@ def test_broken_image_folders(z, capsys):
     d = _folder(z, "text_as_png")
     (d / "0" / "fake.png").write_text("I am not a PNG")
     eval_refused(capsys, z, f"t={z.head}:{d}", "fake.png", "cannot read image")
+    d = _folder(z, "bomb_png")
+    (d / "1" / "bomb.png").write_bytes(_png_claiming(100_000, 100_000))
+    eval_refused(capsys, z, f"t={z.head}:{d}", "bomb.png", "cannot read image")
     d = _folder(z, "extra_class")
     (d / "4").mkdir()
     shutil.copy(d / "0" / "a.png", d / "4" / "a.png")
@@ -652,9 +700,11 @@ def test_bad_numbers_and_names(z, capsys):
     merge_refused(capsys, z, tasks, "size", "lots", extra=("--shard-size", "lots"))
     merge_refused(capsys, z, tasks, "size", extra=("--shard-size", "-5MB"))
     merge_refused(capsys, z, tasks, "--coef-range", extra=("--method", "wemoe", "--coef-range", "a,b"))
-    merge_refused(capsys, z, tasks, "--moe-blocks", extra=("--method", "wemoe", "--moe-blocks", "first:2"))
+    merge_refused(capsys, z, tasks, "--moe-blocks", extra=("--method", "wemoe", "--moe-blocks", "middle:2"))
     merge_refused(capsys, z, tasks, "only applies", extra=("--steps", "5"), code=2)
-    merge_refused(capsys, z, tasks, "--base", base="", code=2)
+    rc, _, err = run_cli(capsys, "merge", "--tasks", *tasks, "--out", z.tmp / "no_base")
+    assert rc == 2 and not (z.tmp / "no_base").exists()
+    assert_one_line_error(rc, err, "missing --base")
     eval_refused(capsys, z, f"t={z.head}:{z.data}", "--batch-size", extra=("--batch-size", "0"))
     eval_refused(capsys, z, f"t={z.head}:{z.data}", "--limit", extra=("--limit", "-1"))
     eval_refused(capsys, z, f"={z.head}:{z.data}", "empty task name")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cli_helpers import assert_one_line_error, run_cli
-from factories import open_clip_vit, perturbed, write, zoo
+from factories import write, zoo
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ def test_open_clip_prefixes_and_hf_read_to_the_same_canonical_weights(tmp_path):
 def test_full_clip_checkpoint_uses_only_the_image_tower(tmp_path):
     oc = {"visual." + k: v.contiguous() for k, v in open_clip_vit().state_dict().items()}
     # a text tower in the same file uses look-alike keys without the visual. prefix
-    text = {f"transformer.resblocks.0.mlp.c_fc.weight": torch.zeros(8, 4), "logit_scale": torch.tensor(4.6), "token_embedding.weight": torch.zeros(10, 4)}
+    text = {"transformer.resblocks.0.mlp.c_fc.weight": torch.zeros(8, 4), "logit_scale": torch.tensor(4.6), "token_embedding.weight": torch.zeros(10, 4)}
     ck, _ = _canonical(write(tmp_path / "clip.safetensors", {**oc, **text}))
     assert ck.scheme == "open_clip" and ck.prefix == "visual."
     assert set(ck.match.ignored) == set(text)

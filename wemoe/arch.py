@@ -150,7 +150,10 @@ def arch_from_metadata(metadata: dict[str, str]) -> dict[str, Any]:
     for key, value in metadata.items():
         key = aliases.get(key, key)
         if key in ARCH_METADATA_KEYS and key not in out:
-            out[key] = value if key == "activation" else (float(value) if key == "layer_norm_eps" else int(value))
+            try:
+                out[key] = value if key == "activation" else (float(value) if key == "layer_norm_eps" else int(value))
+            except ValueError:
+                raise WemoeError(f"file metadata '{key}' is not a number: {value!r}") from None
     if out:
         out["source"] = "file metadata"
     return out
@@ -175,6 +178,10 @@ def resolve_arch(inferred: dict[str, Any], *hints: dict[str, Any]) -> ViTArch:
     merged["source"] = ", ".join(sources) if sources else "inferred from shapes"
     if "heads" not in merged:
         merged["heads"] = max(1, merged["width"] // 64)
+    for key in ("width", "depth", "heads", "patch_size", "image_size", "mlp_width"):
+        value = merged.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise WemoeError(f"architecture field {key} must be a positive integer, got {value!r}")
     if merged["width"] % merged["heads"]:
         raise WemoeError(f"width {merged['width']} is not divisible by heads {merged['heads']}")
     arch = ViTArch.from_dict(merged, source=merged["source"])

@@ -125,7 +125,10 @@ def open_checkpoint(path: str | Path, arch: str | dict | None = None) -> Checkpo
         inferred = _infer_arch_fields(match, probe.shape)
     except WemoeError as exc:
         raise WemoeError(str(exc), path=path) from None
-    hints = _config_hints(source)
+    try:
+        hints = _config_hints(source)
+    except WemoeError as exc:
+        raise WemoeError(str(exc), path=path) from None
     if arch is not None:
         hints.append(arch_from_name_or_file(arch) if isinstance(arch, str) else dict(arch, source="arch argument"))
     try:

@@ -7,20 +7,11 @@ usage errors); ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
 from wemoe.errors import WemoeError
-from wemoe.options import (
-    GREEDY_OPTIONS,
-    apply_config,
-    device_option,
-    expand_greedy,
-    parse_dtype,
-    resolve_device,
-    verbosity_options,
-)
+from wemoe.options import GREEDY_OPTIONS, apply_config, device_option, expand_greedy, verbosity_options
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,11 +22,6 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """Merge task-finetuned vision transformers into one model (WEMoE and static baselines)."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
-
-
-def _say(quiet: bool, message: str) -> None:
-    if not quiet:
-        click.echo(message, err=True)
 
 
 @cli.command()
@@ -141,6 +127,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=args, prog_name="wemoe", standalone_mode=False)
     except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        if debug:
+            raise
+        command = exc.ctx.command_path if exc.ctx is not None else "wemoe"
+        click.echo(f"wemoe: error: {exc.format_message()} (see '{command} --help')", err=True)
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
         if debug:

@@ -39,16 +39,16 @@ class TaskData:
         return TaskData(self.source, self.labels[:limit], None if self.arrays is None else self.arrays[:limit],
                         None if self.files is None else self.files[:limit], self.classes)
 
-    def raw(self, start: int, stop: int) -> np.ndarray:
+    def raw(self, start: int, stop: int) -> np.ndarray | list[np.ndarray]:
         if self.arrays is not None:
             return self.arrays[start:stop]
-        return np.stack([_read_image(f) for f in self.files[start:stop]])  # type: ignore[index]
+        return _stack([_read_image(f) for f in self.files[start:stop]])  # type: ignore[index]
 
-    def take(self, indices: np.ndarray) -> np.ndarray:
+    def take(self, indices: np.ndarray) -> np.ndarray | list[np.ndarray]:
         """Raw uint8 images at ``indices`` (labels are not touched)."""
         if self.arrays is not None:
             return self.arrays[indices]
-        return np.stack([_read_image(self.files[i]) for i in indices])  # type: ignore[index]
+        return _stack([_read_image(self.files[i]) for i in indices])  # type: ignore[index]
 
     def batches(self, batch_size: int, arch: ViTArch, device: str = "cpu"):
         for start in range(0, len(self), batch_size):
@@ -66,6 +66,26 @@ def _read_image(path: Path) -> np.ndarray:
         raise WemoeError(f"cannot read image ({type(exc).__name__})", path=path) from None
 
 
+def _stack(images: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """One array when the images share a size; a list otherwise (image folders mix sizes)."""
+    if len({im.shape for im in images}) <= 1:
+        return np.stack(images)
+    return images
+
+
+def _check_image(path: Path) -> None:
+    """Refuse a file that is not a readable image before any compute: the format is
+    identified from its header and, for formats whose chunks carry checksums (PNG),
+    every chunk is checked, so truncated and corrupted files are caught here."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types (incl. DecompressionBombError) for bad files
+        raise WemoeError(f"cannot read image ({type(exc).__name__})", path=path) from None
+
+
 def _to_rgb_uint8(x: np.ndarray, path: str) -> np.ndarray:
     if x.dtype != np.uint8:
         raise WemoeError(f"images must be uint8, got {x.dtype}", path=path)
@@ -78,8 +98,13 @@ def _to_rgb_uint8(x: np.ndarray, path: str) -> np.ndarray:
     return np.ascontiguousarray(x[..., :3])
 
 
-def preprocess(images: np.ndarray, arch: ViTArch, device: str = "cpu") -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> normalised float (N, 3, S, S) at the model's image size."""
+def preprocess(images: np.ndarray | list[np.ndarray], arch: ViTArch, device: str = "cpu") -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> normalised float (N, 3, S, S) at the model's image size.
+
+    A list of (H, W, 3) arrays of different sizes is resized image by image.
+    """
+    if isinstance(images, list):
+        return torch.cat([preprocess(np.stack([im]), arch, device) for im in images])
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div_(255.0)
     size = arch.image_size
     if x.shape[-2:] != (size, size):
@@ -137,6 +162,7 @@ def _load_folder(path: Path, split: str) -> TaskData:
                 continue
             if f.suffix.lower() not in IMAGE_SUFFIXES:
                 raise WemoeError("not an image file (remove it or move it out of the data folder)", path=f)
+            _check_image(f)
             files.append(f)
             labels.append(label)
     if not files:

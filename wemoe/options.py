@@ -82,6 +82,37 @@ MERGE_KEYS = {
     "moe_blocks": "moe_blocks", "router_layers": "router_layers", "coef_range": "coef_range", "shard_size": "shard_size",
 }
 PATH_KEYS = {"base", "out", "arch"}
+FLOAT_KEYS = {"lambda", "ties_k", "lr"}
+INT_KEYS = {"seed", "steps", "batch_size", "router_layers"}
+CHOICES = {"method": ("average", "task-arithmetic", "ties", "wemoe"), "dtype": ("float32", "bfloat16", "float16")}
+
+
+def _typed(key: str, value: Any, path: str) -> Any:
+    """A YAML value checked as the matching command-line flag would check it."""
+    if value is None:
+        return None
+    flag = "--" + key.replace("_", "-")
+    if key in FLOAT_KEYS and not isinstance(value, bool):
+        try:
+            return float(value)  # YAML reads 1e-4 (no dot) as a string
+        except (TypeError, ValueError):
+            pass
+        raise WemoeError(f"'{key}' must be a number, got {value!r}", path=path)
+    if key in INT_KEYS:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise WemoeError(f"'{key}' must be an integer, got {value!r}", path=path)
+    if key == "cosine":
+        if isinstance(value, bool):
+            return value
+        raise WemoeError(f"'{key}' must be true or false, got {value!r}", path=path)
+    if key in CHOICES and value not in CHOICES[key]:
+        raise WemoeError(f"'{key}' must be one of {', '.join(CHOICES[key])} (as {flag}), got {value!r}", path=path)
+    if key in ("moe_blocks", "coef_range") and isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return ",".join(str(v) for v in value)  # [0, 3, 5] means 0,3,5
+    if isinstance(value, (dict, list, bool)):
+        raise WemoeError(f"'{key}' must be a single value, got {value!r}", path=path)
+    return value
 
 
 def apply_config(opts: dict[str, Any], command: str) -> dict[str, Any]:
@@ -120,7 +151,8 @@ def apply_config(opts: dict[str, Any], command: str) -> dict[str, Any]:
     if command == "merge":
         for key, opt in MERGE_KEYS.items():
             if key in cfg and opts.get(opt) in (None, ()):
-                opts[opt] = _rel(here, cfg[key]) if key in PATH_KEYS else cfg[key]
+                value = _typed(key, cfg[key], path)
+                opts[opt] = _rel(here, value) if key in PATH_KEYS else value
         for opt, field in (("tasks", "checkpoint"), ("heads", "head"), ("data", "data")):
             if opt == "data" and opts.get("method") != "wemoe":
                 continue  # the tasks' data serves `eval --config`; static merges take none
@@ -128,6 +160,10 @@ def apply_config(opts: dict[str, Any], command: str) -> dict[str, Any]:
                 opts[opt] = tuple(f"{n}={_rel(here, s[field])}" for n, s in tasks.items() if s.get(field))
     else:
         ev = cfg.get("eval") or {}
+        if not isinstance(ev, dict):
+            raise WemoeError("'eval' must be a mapping (model, batch_size)", path=path)
+        if ev.get("batch_size") is not None and (_typed("batch_size", ev["batch_size"], path) < 1):
+            raise WemoeError(f"'eval.batch_size' must be >= 1, got {ev['batch_size']}", path=path)
         if not opts.get("model"):
             model = ev.get("model", cfg.get("out"))
             opts["model"] = _rel(here, model) if model else None

@@ -69,10 +69,14 @@ def load_data(task: str, cache: str, rec: dict[str, Any], h: str) -> datasets.Sp
     return data
 
 
-def build(cache: str, quick: bool = False, tasks: tuple[str, ...] = datasets.TASKS, base_path: str = BASE_PATH) -> dict[str, Any]:
-    """Build (or reuse) everything under ``cache``; return per-task accuracies."""
+def build(cache: str, quick: bool = False, tasks: tuple[str, ...] = datasets.TASKS, base_path: str = BASE_PATH,
+          threads: int = 2) -> dict[str, Any]:
+    """Build (or reuse) everything under ``cache``; return per-task accuracies.
+
+    ``threads``: torch intra-op threads. Use 1 on a busy machine: oversubscribed OpenMP
+    threads slow down by an order of magnitude."""
     rec = config.recipe(quick)
-    torch.set_num_threads(rec["finetune"]["threads"])
+    torch.set_num_threads(threads)
     t0 = time.time()
     os.makedirs(os.path.join(cache, "heads"), exist_ok=True)
     os.makedirs(os.path.join(cache, "tasks"), exist_ok=True)
@@ -124,9 +128,10 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--cache", default=None, help=f"cache dir (default {DEFAULT_CACHE}, or {QUICK_CACHE} with --quick)")
     b.add_argument("--tasks", default=",".join(datasets.TASKS), help="comma-separated subset of tasks")
     b.add_argument("--base", default=BASE_PATH, help="base checkpoint (default: the committed one)")
+    b.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads (default 2)")
     args = ap.parse_args(argv)
     cache = args.cache or (QUICK_CACHE if args.quick else DEFAULT_CACHE)
-    build(cache, args.quick, tuple(t for t in args.tasks.split(",") if t), args.base)
+    build(cache, args.quick, tuple(t for t in args.tasks.split(",") if t), args.base, args.threads)
 
 
 __all__ = ["build", "main", "load_state"]

@@ -44,7 +44,7 @@ DEFAULT_RECIPE: dict[str, Any] = {
              "mlp_ratio": 4.0, "output_dim": 128},
     "data": {"char_groups": CHAR_GROUPS, "font_pool": "pretrain", "heldout_font_every": 7,
              "box": 24, "clutter": 0.5, "rotate": 12.0, "scale": [0.7, 1.1], "shift": 0.12},
-    "train": {"seed": 0, "steps": 1800, "batch": 128, "lr": 1e-3, "min_lr": 1e-5, "warmup": 150,
+    "train": {"seed": 0, "steps": 1800, "stop_after": 1000, "batch": 128, "lr": 1e-3, "min_lr": 1e-5, "warmup": 150,
               "weight_decay": 0.05, "label_smoothing": 0.1, "cos_scale": 16.0, "threads": 1},
 }
 
@@ -131,7 +131,8 @@ def pretrain(recipe: dict[str, Any], out: str = BASE_PATH, log_every: int = 50,
                              {"params": no_decay, "weight_decay": 0.0}], lr=t["lr"], betas=(0.9, 0.98))
     g = torch.Generator().manual_seed(t["seed"] + 2)
     run_loss, run_acc = 0.0, 0.0
-    for step in range(t["steps"]):
+    # ``steps`` sets the lr schedule; ``stop_after`` (<= steps) ends training early on that schedule.
+    for step in range(t.get("stop_after", t["steps"])):
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, t)
         idx = train_idx[rng.integers(0, len(train_idx), t["batch"])]
@@ -147,7 +148,7 @@ def pretrain(recipe: dict[str, Any], out: str = BASE_PATH, log_every: int = 50,
         run_acc = 0.98 * run_acc + 0.02 * (logits.argmax(1) == y).float().mean().item()
         if (step + 1) % log_every == 0 or step + 1 == t["steps"]:
             msg = f"step {step + 1}/{t['steps']} loss {run_loss:.3f} train-acc~{run_acc:.3f} lr {lr_at(step, t):.2e} {time.time() - t0:.0f}s"
-            if (step + 1) % (log_every * 10) == 0 or step + 1 == t["steps"]:
+            if (step + 1) % (log_every * 10) == 0 or step + 1 == t.get("stop_after", t["steps"]):
                 msg += f" heldout-acc {evaluate(model, head, x_ev, y_ev):.3f}"
                 if snapshot:
                     save_encoder(model, snapshot, recipe["arch"])
@@ -163,7 +164,8 @@ def pretrain(recipe: dict[str, Any], out: str = BASE_PATH, log_every: int = 50,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--steps", type=int, default=None, help="override steps (experiments only)")
+    ap.add_argument("--steps", type=int, default=None, help="override schedule length (experiments only)")
+    ap.add_argument("--stop-after", type=int, default=None, help="stop early on the schedule (experiments only)")
     ap.add_argument("--out", default=BASE_PATH)
     ap.add_argument("--recipe-out", default=RECIPE_PATH)
     ap.add_argument("--snapshot", default=None, help="path for intermediate checkpoints")
@@ -173,6 +175,8 @@ def main() -> None:
         recipe = {k: v for k, v in json.load(open(RECIPE_PATH)).items() if k in DEFAULT_RECIPE}
     if args.steps is not None:
         recipe["train"]["steps"] = args.steps
+    if args.stop_after is not None:
+        recipe["train"]["stop_after"] = args.stop_after
     result = pretrain(recipe, args.out, snapshot=args.snapshot)
     print(json.dumps(result), flush=True)
     with open(args.recipe_out, "w") as f:

@@ -17,6 +17,15 @@ from wemoe.merge.inputs import parse_named
 from wemoe.options import progress_enabled, resolve_device
 
 
+def check_report_path(path: str | Path) -> None:
+    """Refuse a report path that cannot be written before any compute."""
+    p = Path(path)
+    if p.is_dir():
+        raise WemoeError("report path is a directory", path=p)
+    if not p.resolve().parent.is_dir():
+        raise WemoeError("report's parent directory does not exist", path=p)
+
+
 def parse_task_spec(spec: str) -> tuple[str, str | None, str]:
     """``NAME=HEAD:DATA``, ``NAME=:DATA``, ``NAME=DATA`` or ``DATA`` -> (name, head or None, data)."""
     if "=" in spec:
@@ -41,6 +50,8 @@ def run_eval(opts: dict[str, Any]) -> None:
     for n in names:
         if names.count(n) > 1:
             raise WemoeError(f"task '{n}' is given twice")
+    if opts.get("json_path"):
+        check_report_path(opts["json_path"])
     device = resolve_device(opts.get("device") or "auto")
     progress = progress_enabled(opts)
     loaded = load_for_inference(opts["model"], opts.get("arch"), device)

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from wemoe.commands.evaluate import parse_task_spec
+from wemoe.commands.evaluate import check_report_path, parse_task_spec
 from wemoe.data import load_data
 from wemoe.errors import WemoeError
 from wemoe.options import progress_enabled, resolve_device
@@ -20,6 +20,9 @@ def run_routes(opts: dict[str, Any]) -> None:
     specs = [parse_task_spec(s) for s in opts.get("tasks") or ()]
     if not specs:
         raise click.UsageError("no --task given (NAME=DATA)")
+    for key in ("png", "json_path"):
+        if opts.get(key):
+            check_report_path(opts[key])
     device = resolve_device(opts.get("device") or "auto")
     model = load_merged(opts["model"], device=device)
     datasets = {}

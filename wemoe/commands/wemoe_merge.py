@@ -10,7 +10,7 @@ from typing import Any
 import click
 import torch
 
-from wemoe.data import TaskData, load_data
+from wemoe.data import TaskData, check_labels, load_data
 from wemoe.errors import WemoeError
 from wemoe.heads import Head
 from wemoe.io.output import AtomicDirectory, write_json
@@ -55,7 +55,10 @@ def load_adaptation_data(specs, task_names: list[str], heads: dict[str, Head], s
             raise WemoeError(f"--data gives task '{name}' twice")
         if name not in heads:
             raise WemoeError(f"--data for task '{name}' needs its head (--heads {name}=PATH)")
-        data[name] = (load_data(path, split), path)
+        task_data = load_data(path, split)
+        if (task_data.labels >= 0).all():  # labels are not used to adapt, but must fit the head they come with
+            check_labels(task_data, heads[name].num_classes, name)
+        data[name] = (task_data, path)
     return data
 
 

@@ -107,6 +107,8 @@ class AtomicDirectory:
         assert self.tmp is not None
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.strerror:  # disk full, quota, I/O error: the user's to fix
+                raise WemoeError(f"cannot write the output ({exc.strerror}); nothing was written", path=self.dest) from exc
             return
         try:
             os.chmod(self.tmp, 0o755)

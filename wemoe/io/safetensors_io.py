@@ -102,7 +102,7 @@ class SafetensorsFile:
             self._entries[key] = (dtype, shape, start, end)
             spans.append((start, end, key))
         spans.sort()
-        for (s0, e0, k0), (s1, _e1, k1) in zip(spans, spans[1:]):
+        for (_s0, e0, k0), (s1, _e1, k1) in zip(spans, spans[1:]):
             if s1 < e0:
                 raise WemoeError(f"header places tensors '{k0}' and '{k1}' over the same bytes", path=self.path)
         self._mmap = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else None

@@ -118,6 +118,20 @@ def _unwrap_state_dict(obj: object) -> object:
     return obj
 
 
+# Globals no checkpoint needs and every code-execution payload uses. The restricted
+# unpickler never calls them (they come back inert), but a file naming them is
+# hostile, so its tensors are not trusted either.
+CODE_MODULES = {"os", "posix", "nt", "subprocess", "pty", "sys", "shutil", "socket", "runpy", "importlib", "code",
+                "codeop", "ctypes", "webbrowser", "pickle", "marshal", "multiprocessing", "commands", "platform"}
+CODE_BUILTINS = {"exec", "eval", "compile", "__import__", "open", "breakpoint", "input", "globals", "locals", "vars"}
+
+
+def _runs_code(qualified: str) -> bool:
+    module, _, name = qualified.rpartition(".")
+    top = module.split(".")[0]
+    return top in CODE_MODULES or (module in ("builtins", "__builtin__") and name in CODE_BUILTINS)
+
+
 def _open_torch_file(path: Path) -> InMemorySource:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -130,6 +144,9 @@ def _open_torch_file(path: Path) -> InMemorySource:
             raise
         except Exception as exc:  # noqa: BLE001
             raise WemoeError(f"cannot read torch file ({type(first_error).__name__}; {type(exc).__name__}: {exc})", path=path) from None
+        dangerous = [g for g in getattr(loaded, "inert_globals", ()) if _runs_code(g)]
+        if dangerous:
+            raise WemoeError(f"refusing a pickle that calls {dangerous[0]} (it would run code if loaded by torch.load)", path=path)
         meta = {k: str(v) for k, v in getattr(loaded, "attributes", {}).items()}
         return InMemorySource(path, dict(loaded.state_dict), meta)
     tensors = _flatten_tensors(_unwrap_state_dict(obj))
@@ -153,12 +170,15 @@ def _index_files(index: Path) -> list[Path]:
     weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise WemoeError("index has no weight_map", path=index)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise WemoeError("index weight_map must map tensor names to shard file names", path=index)
     names = sorted(set(weight_map.values()))
-    files = [index.parent / n for n in names]
-    for f in files:
-        if Path(f.name) != Path(str(f.relative_to(index.parent))) or not f.is_file():
-            raise WemoeError(f"index names a missing or outside shard '{f.name}'", path=index)
-    return files
+    for n in names:
+        if n in ("", ".", "..") or "/" in n or "\\" in n or Path(n).name != n:
+            raise WemoeError(f"index names a shard outside its directory '{n}'", path=index)
+        if not (index.parent / n).is_file():
+            raise WemoeError(f"index names a missing shard '{n}'", path=index)
+    return [index.parent / n for n in names]
 
 
 def open_source(path: str | Path) -> TensorSource:

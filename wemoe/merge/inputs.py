@@ -8,7 +8,6 @@ shape/dtype/architecture mismatches, non-finite values, duplicates.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -84,7 +83,7 @@ def _check_finite(ckpt: Checkpoint, bar: tqdm | None) -> None:
             bar.update(1)
 
 
-def _compare(base: Checkpoint, task: Checkpoint) -> tuple[str, ...]:
+def _compare(base: Checkpoint, task: Checkpoint, base_stated: dict) -> tuple[str, ...]:
     bkeys, tkeys = set(base.keys()), set(task.keys())
     for key in sorted(tkeys - bkeys):
         raise WemoeError(f"tensor is not in the base checkpoint {base.path}", path=task.path, tensor=task.native_names(key)[0])
@@ -101,11 +100,27 @@ def _compare(base: Checkpoint, task: Checkpoint) -> tuple[str, ...]:
         bd, td = base.dtype(key), task.dtype(key)
         if bd != td:
             raise WemoeError(f"dtype {str(td).replace('torch.', '')} does not match the base's {str(bd).replace('torch.', '')}", path=task.path, tensor=task.native_names(key)[0])
-    if task.arch.activation != base.arch.activation and "inferred" not in task.arch.source and "inferred" not in base.arch.source:
-        raise WemoeError(f"activation {task.arch.activation} does not match the base's {base.arch.activation}", path=task.path)
-    if task.arch.heads != base.arch.heads and "inferred" not in task.arch.source:
-        raise WemoeError(f"{task.arch.heads} attention heads, the base has {base.arch.heads}", path=task.path)
+    # Tasks are opened with the base's heads and activation (shapes cannot tell them);
+    # a task whose own files state different ones is a different architecture.
+    stated = _stated_arch(task)
+    if "heads" in stated and "heads" in base_stated and stated["heads"] != base.arch.heads:
+        raise WemoeError(f"{stated['heads']} attention heads, the base has {base.arch.heads}", path=task.path)
+    if "activation" in stated and "activation" in base_stated and stated["activation"] != base.arch.activation:
+        raise WemoeError(f"activation {stated['activation']} does not match the base's {base.arch.activation}", path=task.path)
     return tuple(from_base)
+
+
+def _stated_arch(ckpt: Checkpoint, arch: str | dict | None = None) -> dict:
+    """Architecture fields the checkpoint's own files (and ``arch``) state outright."""
+    from wemoe.arch import arch_from_name_or_file
+    from wemoe.checkpoint import _config_hints
+
+    stated: dict = {}
+    for hint in _config_hints(ckpt.source):
+        stated.update(hint)
+    if arch is not None:
+        stated.update(arch_from_name_or_file(arch) if isinstance(arch, str) else arch)
+    return stated
 
 
 def load_inputs(
@@ -132,12 +147,13 @@ def load_inputs(
     notes: list[str] = []
     if base.match.ignored:
         notes.append(f"base: using the image tower only ({len(base.match.ignored)} other tensors ignored)")
+    base_stated = _stated_arch(base, arch)
     opened = []
     for name, path in tasks:
         # Shapes are compared tensor by tensor below (naming the tensor); only what
         # shapes cannot tell is carried over from the base.
         ckpt = open_checkpoint(path, {"heads": base.arch.heads, "activation": base.arch.activation})
-        from_base = _compare(base, ckpt)
+        from_base = _compare(base, ckpt, base_stated)
         if from_base:
             notes.append(f"task '{name}': no projection in {Path(path).name}; taken from the base unchanged")
         if ckpt.scheme != base.scheme:
@@ -159,7 +175,3 @@ def load_inputs(
         hashes[digest] = f"task '{name}'"
         task_inputs.append(TaskInput(name, ckpt, digest, from_base))
     return MergeInputs(base, base_hash, task_inputs, notes)
-
-
-def is_finite_number(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
