@@ -14,6 +14,8 @@ benchmarks/results/ (or --results).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -30,8 +32,10 @@ TIES_LAMBDA_GRID = (0.3, 0.5, 0.7, 1.0, 1.5)
 
 
 def cli(*args) -> None:
+    """The real CLI, in-process; its stdout tables are dropped (the JSON reports are read)."""
     try:
-        wemoe_main([str(a) for a in args])
+        with contextlib.redirect_stdout(io.StringIO()):
+            wemoe_main([str(a) for a in args])
     except SystemExit as exc:
         if exc.code:
             raise RuntimeError(f"wemoe {' '.join(map(str, args[:2]))} failed with exit {exc.code}") from None

@@ -76,6 +76,10 @@ def main(argv=None):
     p.add_argument("--chunk", type=int, default=None)
     p.add_argument("--tile", type=int, default=None)
     p.add_argument("--sweep", action="store_true", help="also time a few (chunk, tile) pairs, forward only")
+    p.add_argument(
+        "--compare-intra-op", action="store_true",
+        help="also time the forward with tiles run on intra-op (OpenMP) threads instead of the worker pool",
+    )
     a = p.parse_args(argv)
 
     torch.set_num_threads(a.threads)
@@ -135,10 +139,24 @@ def main(argv=None):
         f"(grads to routers and input)"
     )
 
+    if a.compare_intra_op:
+        from wemoe.model import moe as moe_module
+
+        with torch.no_grad():
+            tp, tm = 1e9, 1e9
+            moe_module.USE_TILE_THREADS = False
+            try:
+                for _ in range(a.reps):
+                    tp = min(tp, timed(lambda: plain_stack(plain, act, x)))
+                    tm = min(tm, timed(lambda: moe_stack(moes, x)))
+            finally:
+                moe_module.USE_TILE_THREADS = True
+        print(f"WEMoE forward, intra-op threads instead of tile workers: ratio {tm / tp:.2f}x")
+
     if a.sweep:
         print("sweep (forward, ratio vs plain measured alongside):")
         with torch.no_grad():
-            for chunk, tile in [(8, 64), (16, 32), (16, 64), (16, 128), (32, 32), (32, 64), (64, 16), (64, 32)]:
+            for chunk, tile in [(4, 256), (8, 64), (8, 128), (8, 256), (16, 64), (16, 128), (32, 64), (64, 32)]:
                 for m in moes:
                     m.chunk_size, m.tile_rows = chunk, tile
                 tp = min(timed(lambda: plain_stack(plain, act, x)) for _ in range(2))
