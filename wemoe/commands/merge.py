@@ -11,7 +11,7 @@ import click
 from wemoe.errors import WemoeError
 from wemoe.heads import Head, load_head
 from wemoe.io.output import check_destination, parse_size
-from wemoe.merge.inputs import load_inputs, parse_named
+from wemoe.merge.inputs import load_inputs, parse_named, per_task_paths
 from wemoe.options import echo_note, parse_dtype, progress_enabled, resolve_device
 
 
@@ -31,12 +31,7 @@ def _check_numbers(opts: dict[str, Any]) -> None:
 def load_task_heads(specs, task_names: list[str], feature_dim: int) -> dict[str, Head]:
     """``--heads NAME=PATH``: validated against the task list and the encoder's output size."""
     heads: dict[str, Head] = {}
-    for spec in specs:
-        name, path = parse_named(spec)
-        if name not in task_names:
-            raise WemoeError(f"--heads names task '{name}', which is not among --tasks ({', '.join(task_names)})")
-        if name in heads:
-            raise WemoeError(f"--heads gives task '{name}' twice")
+    for name, path in per_task_paths(specs, task_names, "--heads").items():
         head = load_head(path)
         head.check_features(feature_dim, name)
         heads[name] = head

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from wemoe.data import TaskData, check_labels, load_data
 from wemoe.errors import WemoeError
 from wemoe.heads import Head
 from wemoe.io.output import AtomicDirectory, write_json
-from wemoe.merge.inputs import MergeInputs, parse_named
+from wemoe.merge.inputs import MergeInputs, per_task_paths, sha256_files
 from wemoe.model.wemoe_model import parse_moe_blocks
 from wemoe.options import echo_note
 from wemoe.provenance import base_config
@@ -36,23 +35,12 @@ def parse_coef_range(spec: str | None) -> tuple[float, float] | None:
 
 def _file_digest(path: str) -> str:
     p = Path(path)
-    if p.is_dir():
-        return "directory"
-    h = hashlib.sha256()
-    with open(p, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return "directory" if p.is_dir() else sha256_files([p])
 
 
 def load_adaptation_data(specs, task_names: list[str], heads: dict[str, Head], split: str) -> dict[str, tuple[TaskData, str]]:
     data: dict[str, tuple[TaskData, str]] = {}
-    for spec in specs:
-        name, path = parse_named(spec)
-        if name not in task_names:
-            raise WemoeError(f"--data names task '{name}', which is not among --tasks ({', '.join(task_names)})")
-        if name in data:
-            raise WemoeError(f"--data gives task '{name}' twice")
+    for name, path in per_task_paths(specs, task_names, "--data").items():
         if name not in heads:
             raise WemoeError(f"--data for task '{name}' needs its head (--heads {name}=PATH)")
         task_data = load_data(path, split)

@@ -47,14 +47,31 @@ class MergeInputs:
         return [t.name for t in self.tasks]
 
 
-def sha256_of(ckpt: Checkpoint) -> str:
-    """Hash of the checkpoint's weight file(s), recorded so results can be traced to inputs."""
+def sha256_files(files: Sequence[Path]) -> str:
+    """One hash over the files' bytes, recorded so results can be traced to their inputs."""
     h = hashlib.sha256()
-    for f in ckpt.source.files():
+    for f in files:
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 24), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def sha256_of(ckpt: Checkpoint) -> str:
+    return sha256_files(ckpt.source.files())
+
+
+def per_task_paths(specs: Sequence[str], task_names: Sequence[str], flag: str) -> dict[str, str]:
+    """``--heads``/``--data`` values: each names one of the merged tasks, once."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, path = parse_named(spec)
+        if name not in task_names:
+            raise WemoeError(f"{flag} names task '{name}', which is not among --tasks ({', '.join(task_names)})")
+        if name in out:
+            raise WemoeError(f"{flag} gives task '{name}' twice")
+        out[name] = path
+    return out
 
 
 def parse_named(spec: str) -> tuple[str, str]:
