@@ -270,3 +270,26 @@ def test_parallel_tile_paths_match_naive_loop(monkeypatch, use_threads):
     assert torch.get_num_threads() == 2
     if use_threads:  # workers run single-threaded ops; the caller keeps its setting
         assert moe._POOL is not None and moe._POOL.submit(torch.get_num_threads).result() == 1
+
+
+def test_forward_under_inference_mode_with_worker_threads():
+    """Worker threads must inherit the caller's inference mode (it is thread-local)."""
+    import wemoe.model.moe as moe_mod
+
+    torch.set_num_threads(2)
+    try:
+        T, H, D = 3, 256, 16
+        g = torch.Generator().manual_seed(0)
+        m = moe_mod.WeightEnsemblingMLP(
+            torch.randn(H, D, generator=g), torch.randn(H, generator=g), torch.randn(D, H, generator=g), torch.randn(D, generator=g),
+            torch.randn(T, H, D, generator=g), torch.randn(T, H, generator=g), torch.randn(T, D, H, generator=g), torch.randn(T, D, generator=g),
+            activation="gelu", tile_rows=64,
+        )
+        x = torch.randn(4, 5, D, generator=g)
+        with torch.no_grad():
+            ref = m(x)
+        with torch.inference_mode():
+            got = m(x)
+        assert torch.allclose(got, ref)
+    finally:
+        torch.set_num_threads(1)

@@ -46,7 +46,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--cosine/--no-cosine", default=None, help="wemoe: cosine learning-rate decay [off].")
 @click.option("--moe-blocks", default=None, help="wemoe: blocks whose MLP becomes MoE: all, last:N, or 0,3,5 [all].")
 @click.option("--router-layers", type=click.IntRange(0, 2), default=None, help="wemoe: router depth 0, 1 or 2 [2].")
-@click.option("--coef-range", default=None, help="wemoe: clamp routing coefficients to LO,HI, or 'none'.")
+@click.option("--coef-range", default=None, help="wemoe: clamp routing coefficients to LO,HI, or 'none' [0,1: guards against entropy collapse, see benchmarks/results].")
 @click.option("--split", default=None, help="wemoe: split of --data used for adaptation [test].")
 @device_option
 @verbosity_options

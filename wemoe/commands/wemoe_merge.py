@@ -18,7 +18,7 @@ from wemoe.model.wemoe_model import parse_moe_blocks
 from wemoe.options import echo_note
 from wemoe.provenance import base_config
 
-DEFAULTS = {"lam": 0.3, "steps": 1000, "lr": 1e-4, "batch_size": 16, "router_layers": 2, "coef_range": None, "split": "test"}
+DEFAULTS = {"lam": 0.3, "steps": 1000, "lr": 1e-4, "batch_size": 16, "router_layers": 2, "coef_range": "0,1", "split": "test"}
 
 
 def parse_coef_range(spec: str | None) -> tuple[float, float] | None:
@@ -89,7 +89,7 @@ def run_wemoe_merge(opts: dict[str, Any], inputs: MergeInputs, heads: dict[str, 
         )
         model.to("cpu")
         for w in result.warnings:
-            echo_note(opts, f"warning: {w}")
+            click.echo(f"wemoe: warning: {w}", err=True)  # shown even with --quiet
     out_dtype = dtype or torch.float32
     config = base_config(inputs, "wemoe", {"lambda": o["lam"]}, out_dtype, opts.get("seed") or 0)
     config["notes"] = inputs.notes

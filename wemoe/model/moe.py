@@ -132,9 +132,11 @@ def _pool() -> ThreadPoolExecutor | None:
         return _POOL
 
 
-def _no_grad_task(task: Callable[[int, int], None], lo: int, hi: int) -> None:
-    # grad mode is thread-local: workers must not record graphs for the tile ops
-    with torch.no_grad():
+def _no_grad_task(task: Callable[[int, int], None], lo: int, hi: int, inference: bool = False) -> None:
+    # grad and inference modes are thread-local: workers must not record graphs for
+    # the tile ops, and must share the caller's inference mode to write into its
+    # (inference) output tensors
+    with torch.inference_mode(inference), torch.no_grad():
         task(lo, hi)
 
 
@@ -146,7 +148,8 @@ def _run(task: Callable[[int, int], None], total: int, step: int, device: torch.
         for lo, hi in tiles:
             _no_grad_task(task, lo, hi)
         return
-    for future in [pool.submit(_no_grad_task, task, lo, hi) for lo, hi in tiles]:
+    inference = torch.is_inference_mode_enabled()
+    for future in [pool.submit(_no_grad_task, task, lo, hi, inference) for lo, hi in tiles]:
         future.result()
 
 
