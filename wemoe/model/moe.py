@@ -140,35 +140,53 @@ def _no_grad_task(task: Callable[[int, int], None], lo: int, hi: int, inference:
         task(lo, hi)
 
 
+_SLOT = threading.local()
+
+
+def _run_slot(task: Callable[[int, int], None], tiles: list[tuple[int, int]], slot: int, inference: bool) -> None:
+    _SLOT.value = slot
+    try:
+        for lo, hi in tiles:
+            _no_grad_task(task, lo, hi, inference)
+    finally:
+        _SLOT.value = 0
+
+
 def _run(task: Callable[[int, int], None], total: int, step: int, device: torch.device) -> None:
-    """Run ``task(lo, hi)`` for every tile of ``range(total)``, in parallel when possible (CPU)."""
+    """Run ``task(lo, hi)`` for every tile of ``range(total)``, in parallel when possible (CPU).
+
+    Tiles are split statically into one group per worker ("slot"), and per-slot
+    accumulators are summed in slot order, so results are bitwise reproducible
+    whatever the thread scheduling.
+    """
     tiles = list(_tiles(total, step))
     pool = _pool() if len(tiles) > 1 and device.type == "cpu" else None
-    if pool is None:
-        for lo, hi in tiles:
-            _no_grad_task(task, lo, hi)
-        return
     inference = torch.is_inference_mode_enabled()
-    for future in [pool.submit(_no_grad_task, task, lo, hi, inference) for lo, hi in tiles]:
+    if pool is None:
+        _run_slot(task, tiles, 0, inference)
+        return
+    n = min(_POOL_SIZE, len(tiles))
+    groups = [tiles[k::n] for k in range(n)]
+    for future in [pool.submit(_run_slot, task, g, k, inference) for k, g in enumerate(groups)]:
         future.result()
 
 
 class _PerThread:
-    """Accumulators, one per executing thread (no locking needed), summed at the end."""
+    """Accumulators, one per worker slot (no locking needed), summed in slot order."""
 
     def __init__(self, factory: Callable[[], torch.Tensor]):
         self.factory = factory
         self.parts: dict[int, torch.Tensor] = {}
 
     def get(self) -> torch.Tensor:
-        key = threading.get_ident()
+        key = getattr(_SLOT, "value", 0)
         part = self.parts.get(key)
         if part is None:
             part = self.parts[key] = self.factory()
         return part
 
     def total(self) -> torch.Tensor:
-        parts = list(self.parts.values())
+        parts = [self.parts[k] for k in sorted(self.parts)]
         if not parts:
             return self.factory()
         out = parts[0]
