@@ -55,7 +55,8 @@ def routing_heatmap(model: WEMoEModel, means: dict[str, np.ndarray], path: str |
     rows = (len(tasks) + cols - 1) // cols
     vmin = min(float(m.min()) for m in means.values())
     vmax = max(float(m.max()) for m in means.values())
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 1, 0.25 * len(model.moe_blocks) * rows + 1.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 1, (0.25 * len(model.moe_blocks) + 2.2) * rows), squeeze=False)
+    fig.subplots_adjust(hspace=0.9, wspace=0.35)
     image = None
     for ax, task in zip(axes.flat, tasks):
         image = ax.imshow(means[task], aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
