@@ -41,18 +41,21 @@ def build_wemoe(
         taus = task_vectors(inputs, key, base)
         if key in moe_keys:
             b, suffix = moe_keys[key]
-            experts[b][suffix] = (base.float(), torch.stack(taus).float())
+            stacked = torch.stack(taus).float()
+            del taus
+            experts[b][suffix] = (base.float(), stacked)
         else:
             state[key] = task_arithmetic(base, taus, lam).float()
     torch.manual_seed(seed)
     model = WEMoEModel(arch, inputs.task_names, blocks, router_layers, lam, coef_range, head_bias="head.bias" in state)
     for b in blocks:
-        e = experts[b]
+        e = experts.pop(b)  # handed over without a copy, then dropped: peak stays near the output size
         model.blocks[b].mlp = WeightEnsemblingMLP(
             e["mlp.fc1.weight"][0], e["mlp.fc1.bias"][0], e["mlp.fc2.weight"][0], e["mlp.fc2.bias"][0],
             e["mlp.fc1.weight"][1], e["mlp.fc1.bias"][1], e["mlp.fc2.weight"][1], e["mlp.fc2.bias"][1],
-            activation=arch.activation, router_layers=router_layers, init_lambda=lam, coef_range=coef_range,
+            activation=arch.activation, router_layers=router_layers, init_lambda=lam, coef_range=coef_range, copy=False,
         )
+        del e
     missing, unexpected = model.load_state_dict(state, strict=False)
     unexpected_plain = [k for k in unexpected]
     assert not unexpected_plain, unexpected_plain

@@ -357,6 +357,7 @@ class WeightEnsemblingMLP(nn.Module):
         coef_range: tuple[float, float] | None = None,
         chunk_size: int | None = None,
         tile_rows: int | None = None,
+        copy: bool = True,
     ):
         super().__init__()
         if fc1_weight.dim() != 2:
@@ -402,7 +403,10 @@ class WeightEnsemblingMLP(nn.Module):
         self.tile_rows = int(tile_rows) if tile_rows is not None else None
 
         def buf(t: torch.Tensor) -> torch.Tensor:
-            return t.detach().to(dtype).contiguous().clone()
+            # copy=False lets a builder hand over freshly made tensors without doubling
+            # peak memory (the expert stacks are most of a WEMoE model)
+            out = t.detach().to(dtype).contiguous()
+            return out.clone() if (copy and out.data_ptr() == t.data_ptr()) else out
 
         self.register_buffer("fc1_weight", buf(fc1_weight))
         self.register_buffer("fc1_bias", buf(fc1_bias))
