@@ -8,7 +8,7 @@ recorded explicitly in every output so a merged model rebuilds exactly.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,6 @@ from wemoe.errors import WemoeError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -188,7 +186,3 @@ def resolve_arch(inferred: dict[str, Any], *hints: dict[str, Any]) -> ViTArch:
     if arch.activation not in ("gelu", "quick_gelu"):
         raise WemoeError(f"unsupported activation '{arch.activation}' (supported: gelu, quick_gelu)")
     return arch
-
-
-def with_activation(arch: ViTArch, activation: str) -> ViTArch:
-    return replace(arch, activation=activation)

@@ -60,9 +60,6 @@ class LoadedModel:
 def load_for_inference(path: str | Path, arch: str | None = None, device: str = "cpu") -> LoadedModel:
     """Any checkpoint wemoe reads, or a merge output directory (with its stored heads)."""
     p = Path(path)
-    heads: dict[str, Head] = {}
-    if p.is_dir() and (p / "heads.safetensors").is_file():
-        heads = load_heads(p / "heads.safetensors")
     if p.is_dir() and (p / "config.json").is_file():
         import json
 
@@ -70,8 +67,11 @@ def load_for_inference(path: str | Path, arch: str | None = None, device: str = 
         if cfg.get("format") == "wemoe" and cfg.get("method") == "wemoe":
             from wemoe.saved import load_merged
 
-            model = load_merged(p, device=device)
-            return LoadedModel(model, model.arch, heads, "wemoe")
+            model = load_merged(p, device=device)  # brings its stored heads
+            return LoadedModel(model, model.arch, model.heads, "wemoe")
+    heads: dict[str, Head] = {}
+    if p.is_dir() and (p / "heads.safetensors").is_file():
+        heads = load_heads(p / "heads.safetensors")
     ckpt = open_checkpoint(p, arch)
     module = build_vit(ckpt.arch, ckpt.state_dict()).to(device)
     return LoadedModel(module, ckpt.arch, heads, ckpt.scheme)

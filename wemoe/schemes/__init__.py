@@ -7,6 +7,6 @@ the edges, in both directions, so a merge is written back in the layout the user
 started from.
 """
 
-from wemoe.schemes.rules import MLP_SUFFIXES, Scheme, SchemeMatch, canonical_block_keys, detect_scheme, get_scheme, SCHEMES
+from wemoe.schemes.rules import MLP_SUFFIXES, SCHEMES, Scheme, SchemeMatch, detect_scheme, get_scheme
 
-__all__ = ["Scheme", "SchemeMatch", "SCHEMES", "detect_scheme", "get_scheme", "canonical_block_keys", "MLP_SUFFIXES"]
+__all__ = ["Scheme", "SchemeMatch", "SCHEMES", "detect_scheme", "get_scheme", "MLP_SUFFIXES"]

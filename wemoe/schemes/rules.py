@@ -31,10 +31,6 @@ GLOBAL_KEYS = (
 )
 
 
-def canonical_block_keys(block: int) -> list[str]:
-    return [f"blocks.{block}.{p}" for p in BLOCK_PARTS]
-
-
 @dataclass(frozen=True)
 class Conversion:
     """How native tensors become one canonical tensor and back."""
