@@ -27,7 +27,7 @@ from wemoe.cli import main as wemoe_main
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-LAMBDA_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+LAMBDA_GRID = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 TIES_LAMBDA_GRID = (0.3, 0.5, 0.7, 1.0, 1.5)
 
 
@@ -63,6 +63,28 @@ def evaluate(model: Path, zoo: Zoo, tasks: list[str], work: Path, split: str = "
     cli("eval", model, "--task", *specs, "--split", split, "--json", out, "--quiet", "--batch-size", 128, *extra)
     res = json.loads(out.read_text())
     return {t: res[t]["accuracy"] for t in tasks}
+
+
+def own_expert_ceiling(merged: Path, zoo: Zoo) -> dict[str, float]:
+    """Each task's test images routed to its own expert only (coefficient 1, others 0).
+
+    Not a method (it reads the task identity a router must infer): the accuracy a perfect
+    router could reach given the task-arithmetic non-MLP weights, i.e. WEMoE's ceiling here.
+    """
+    import torch
+
+    import wemoe
+    from wemoe.data import load_data
+    from wemoe.evaluate import evaluate_task
+
+    model = wemoe.load(merged)
+    out = {}
+    for i, t in enumerate(zoo.tasks):
+        onehot = torch.zeros(len(model.task_names))
+        onehot[model.task_names.index(t)] = 1.0
+        with model.fixed_routing(onehot):
+            out[t] = evaluate_task(model, model.heads[t], load_data(zoo.data(t), "test"), model.arch, batch_size=128, progress=False).accuracy
+    return out
 
 
 def static(zoo: Zoo, work: Path, method: str, *extra) -> Path:
@@ -112,7 +134,7 @@ def run(quick: bool, results_dir: Path, steps: int | None, cache: Path | None) -
         tbest, tscores = pick_lambda(zoo, work, "ties", TIES_LAMBDA_GRID, val_limit, log)
         methods["ties"] = row(evaluate(static(zoo, work, "ties", "--lambda", tbest), zoo, zoo.tasks, work), **{"lambda": tbest, "ties_k": 20, "validation": tscores})
         log("[4/4] WEMoE (router test-time adaptation on unlabeled test images)")
-        n_steps = steps if steps is not None else (60 if quick else 300)
+        n_steps = steps if steps is not None else (60 if quick else 200)
         wemoe_args = ["--method", "wemoe", "--lambda", best, "--steps", n_steps, "--lr", 1e-3, "--batch-size", 16, "--seed", 0]
         t0 = time.perf_counter()
         merged = cache / "wemoe"  # kept: `wemoe.load("benchmarks/cache/zoo/wemoe")` works after the run
@@ -124,6 +146,7 @@ def run(quick: bool, results_dir: Path, steps: int | None, cache: Path | None) -
         methods["wemoe"] = row(evaluate(merged, zoo, zoo.tasks, work, heads=False), steps=n_steps, seconds=round(adapt_s, 1),
                                final_loss=cfg["wemoe"]["adaptation"]["final_loss"], initial_loss=cfg["wemoe"]["adaptation"]["initial_loss"],
                                warnings=cfg["wemoe"]["adaptation"]["warnings"])
+        methods["wemoe-own-expert"] = row(own_expert_ceiling(merged, zoo))
         heat = results_dir / ("routing_quick.png" if quick else "routing.png")
         cli("routes", merged, "--task", *[f"{t}={zoo.data(t)}" for t in zoo.tasks], "--png", heat, "--json", heat.with_suffix(".json"), "--limit", 200, "--quiet")
     finally:
@@ -134,7 +157,7 @@ def run(quick: bool, results_dir: Path, steps: int | None, cache: Path | None) -
     return report
 
 
-ORDER = ["pretrained", "individual", "average", "task-arithmetic-0.3", "task-arithmetic", "ties", "wemoe"]
+ORDER = ["pretrained", "individual", "average", "task-arithmetic-0.3", "task-arithmetic", "ties", "wemoe", "wemoe-own-expert"]
 
 
 def label(name: str, m: dict) -> str:
@@ -146,6 +169,8 @@ def label(name: str, m: dict) -> str:
         return f"TIES (k 20%, lambda {m['lambda']})"
     if name == "wemoe":
         return "WEMoE (per-sample routing)"
+    if name == "wemoe-own-expert":
+        return "*ceiling: WEMoE with each task routed to its own expert (not a method)*"
     return {"pretrained": "pretrained (base + prototype heads)", "individual": "individual fine-tuned", "average": "simple average"}.get(name, name)
 
 
@@ -168,6 +193,14 @@ def markdown(report: dict) -> str:
             f"- WEMoE: {methods['wemoe']['steps']} adaptation steps in {methods['wemoe']['seconds']} s; entropy loss {methods['wemoe']['initial_loss']:.3f} -> {methods['wemoe']['final_loss']:.3f}"
             + (f"; warnings: {'; '.join(methods['wemoe']['warnings'])}" if methods["wemoe"]["warnings"] else "; no collapse warnings."),
         ]
+    if "wemoe-own-expert" in methods:
+        c = methods["wemoe-own-expert"]["average"]
+        notes.append(
+            f"- Ceiling row: the same WEMoE model with every test image of a task routed to that task's expert alone "
+            f"(it uses the task label a router must infer): {100 * c:.1f}, {100 * c / ind:.1f}% of the individual models. "
+            "The gap to the individual models is what merging the non-MLP weights by task arithmetic costs; "
+            "no router can recover it."
+        )
     return "\n".join(
         [f"# Accuracy on the embedded zoo{' (quick)' if report['quick'] else ''}", "",
          "Test accuracy (%) per task, each merged encoder evaluated with each task's own head. "
@@ -209,7 +242,7 @@ def plot(report: dict, path: Path) -> None:
     import numpy as np
 
     tasks = report["tasks"] + ["avg"]
-    names = [n for n in ORDER if n in report["methods"]]
+    names = [n for n in ORDER if n in report["methods"] and n != "wemoe-own-expert"]  # methods only
     width = 0.8 / len(names)
     fig, ax = plt.subplots(figsize=(12, 4.2))
     for i, n in enumerate(names):
@@ -229,7 +262,7 @@ def plot(report: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="CI size: small zoo, few adaptation steps")
-    ap.add_argument("--steps", type=int, default=None, help="WEMoE adaptation steps (default 300 at lr 1e-3, to fit the 20-minute budget on 2 cores; quick 60)")
+    ap.add_argument("--steps", type=int, default=None, help="WEMoE adaptation steps (default 200 at lr 1e-3, to fit the 20-minute budget on 2 cores; quick 60)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--cache", type=Path, default=None)
     args = ap.parse_args(argv)

@@ -1,7 +1,7 @@
 """Speed and memory of wemoe at real scale (CLIP ViT-B/32 by default, 8 experts).
 
     python -m benchmarks.speed                       # ViT-B/32, 8 experts, batch 64
-    python -m benchmarks.speed --arch ViT-L-14 --experts 8 --batch 16
+    python -m benchmarks.speed --arch ViT-L-14-quickgelu --batch 8 --per-task 2
     python -m benchmarks.speed --experts 20
 
 Random-init checkpoints in the open_clip layout (task checkpoints = base plus
@@ -154,23 +154,26 @@ def child_inference(model_dir: str, base: str, batch: int, naive_samples: int, t
         t_moe = _time(lambda: moe(x))
         y = moe(x)
 
-        def naive(xs):
+        def naive(xs, merge):
             outs = []
             for i in range(xs.shape[0]):
                 h = moe.tokens(xs[i : i + 1])
                 for b, blk in enumerate(moe.blocks):
                     h = h + blk.attn(blk.norm1(h))
                     z = blk.norm2(h)
-                    h = h + (naive_moe_forward(blk.mlp, z) if b in moe.moe_blocks else blk.mlp(z))
+                    h = h + (naive_moe_forward(blk.mlp, z, merge=merge) if b in moe.moe_blocks else blk.mlp(z))
                 outs.append(moe.head(moe.norm(h[:, 0])))
             return torch.cat(outs)
 
         xs = x[:naive_samples]
-        t0 = time.perf_counter()
-        y_naive = naive(xs)
-        t_naive = (time.perf_counter() - t0) * batch / naive_samples
-    rel = ((y[:naive_samples] - y_naive).norm() / y_naive.norm()).item()
-    return {"plain_s": t_plain, "wemoe_s": t_moe, "naive_s_scaled": t_naive, "naive_samples": naive_samples, "max_rel_diff": rel}
+        scaled, rels = {}, []
+        for merge in ("loop", "einsum"):
+            t0 = time.perf_counter()
+            y_naive = naive(xs, merge)
+            scaled[merge] = (time.perf_counter() - t0) * batch / naive_samples
+            rels.append(((y[:naive_samples] - y_naive).norm() / y_naive.norm()).item())
+    return {"plain_s": t_plain, "wemoe_s": t_moe, "naive_s_scaled": scaled["loop"], "naive_einsum_s_scaled": scaled["einsum"],
+            "naive_samples": naive_samples, "max_rel_diff": max(rels)}
 
 
 def child_step(model_dir: str, base: str, per_task: int, threads: int) -> dict:
@@ -217,6 +220,7 @@ def run_child(args: argparse.Namespace) -> None:
 def report_md(r: dict) -> str:
     a, b, c = r["merge"], r["inference"], r["step"]
     fwd_naive = b["naive_s_scaled"] / b["wemoe_s"]
+    fwd_einsum = b["naive_einsum_s_scaled"] / b["wemoe_s"]
     fwd_plain = b["wemoe_s"] / b["plain_s"]
     step = c["wemoe_step_s"] / c["plain_fwd_bwd_s"]
     ok = lambda cond: "meets goal" if cond else "**misses goal**"  # noqa: E731
@@ -233,8 +237,9 @@ def report_md(r: dict) -> str:
         f"{a['wemoe']['rss_ratio']}x (output + one input = {a['wemoe']['output_gb'] + a['wemoe']['input_gb']:.2f} GB) | <= 1.3x: {ok(a['wemoe']['rss_ratio'] <= 1.3)} |",
         f"| (b) forward, plain ViT | {b['plain_s']:.3f} s | 1.0 | |",
         f"| (b) forward, WEMoE per-sample routing | {b['wemoe_s']:.3f} s | {fwd_plain:.2f}x plain | <= 2x: {ok(fwd_plain <= 2)} |",
-        f"| (b) forward, naive per-sample loop ({b['naive_samples']} samples, scaled) | {b['naive_s_scaled']:.2f} s | WEMoE is {fwd_naive:.1f}x faster | >= 10x: {ok(fwd_naive >= 10)} |",
-        f"| (b) WEMoE vs naive loop, relative difference | {b['max_rel_diff']:.1e} | | <= 1e-5: {ok(b['max_rel_diff'] <= 1e-5)} |",
+        f"| (b) forward, naive per-sample loop, expert-by-expert merge as in the original module ({b['naive_samples']} samples, scaled) | {b['naive_s_scaled']:.2f} s | WEMoE is {fwd_naive:.1f}x faster | >= 10x: {ok(fwd_naive >= 10)} |",
+        f"| (b) forward, per-sample loop with one einsum merge per tensor ({b['naive_samples']} samples, scaled) | {b['naive_einsum_s_scaled']:.2f} s | WEMoE is {fwd_einsum:.1f}x faster | (stronger baseline, reported) |",
+        f"| (b) WEMoE vs both naive loops, max relative difference | {b['max_rel_diff']:.1e} | | <= 1e-5: {ok(b['max_rel_diff'] <= 1e-5)} |",
         f"| (c) plain ViT forward + backward, {c['images']} images | {c['plain_fwd_bwd_s']:.3f} s | 1.0 | |",
         f"| (c) WEMoE adaptation step ({r['experts']} tasks x {c['images'] // r['experts']} images) | {c['wemoe_step_s']:.3f} s | {step:.2f}x plain | <= 3x: {ok(step <= 3)} |",
         f"| (d) peak RSS, inference stage | {r['inference_rss_gb']:.2f} GB | | |",
@@ -257,21 +262,56 @@ def shortfall_notes(r: dict) -> list[str]:
             "than the plain model's one large GEMM. Closing the gap needs a fused kernel (merge + product per tile "
             "in registers) or low-rank experts; not done yet."
         )
+    notes.append(
+        "Naive loops: both run the whole ViT one sample at a time. The goal row merges each sample's MLP weights "
+        "expert after expert (W = W + r_i * tau_i, a new tensor per step), as the original WEMoE/FusionBench module "
+        "does; the einsum row contracts the expert axis in one call per tensor, a stronger baseline than any "
+        f"published loop, and WEMoE is {q['forward_vs_einsum_loop']:.1f}x faster than it."
+    )
     if q["forward_vs_naive"] < GOALS["forward_vs_naive"]:
-        notes.append(
-            "The naive reference here is already vectorised inside each sample (one einsum merge per MLP matrix), "
-            "far faster than the reference implementations that merge a state dict per sample in Python; "
-            "against it WEMoE is the ratio shown."
-        )
+        notes.append("WEMoE is less than 10x faster than the naive loop: see the forward-vs-plain note.")
     if q["merge_rss_task_arithmetic"] > GOALS["merge_rss"]:
         notes.append(
-            "Static merge peak RSS above 1.3x: it grows with the number of tasks although inputs are read one tensor at "
-            "a time and released; not yet diagnosed (allocator retention of the per-tensor task-vector stacks is the "
-            "first suspect)."
+            "Static merge peak RSS above 1.3x: the merge holds the base tensor, a running sum and one task's tensor "
+            "at a time (inputs are memory-mapped and released after each read), so the excess is outside the "
+            "per-tensor working set."
         )
     if q["merge_rss_wemoe"] > GOALS["merge_rss"]:
         notes.append("WEMoE build peak RSS above 1.3x: the whole upscaled model is held in memory before it is written.")
     return notes
+
+
+def readme_summary(results_dir: Path) -> str:
+    """One row per speed result file present: the README's summary, generated, never typed."""
+    rows = []
+    for path in sorted(results_dir.glob("speed*.json")):
+        r = json.loads(path.read_text())
+        q = r["ratios"]
+        rows.append(
+            f"| [{r['arch']}, {r['experts']} experts, batch {r['batch']}]({path.with_suffix('.md').relative_to(REPO).as_posix()}) "
+            f"| {q['forward_vs_plain']:.2f}x | {q['forward_vs_naive']:.1f}x ({q.get('forward_vs_einsum_loop', float('nan')):.1f}x) "
+            f"| {q['step_vs_plain']:.2f}x | {q['merge_rss_task_arithmetic']:.2f}x / {q['merge_rss_wemoe']:.2f}x "
+            f"| {r['inference']['max_rel_diff']:.1e} |"
+        )
+    return "\n".join([
+        f"Generated by `python -m benchmarks.speed` from `benchmarks/results/speed*.json` ({r['device']}, {r['threads']} threads); "
+        "ratios measured within one run. Goals: forward <= 2x plain, >= 10x faster than the naive loop "
+        "(in brackets: against the einsum-merge loop), step <= 3x plain, merge peak RSS <= 1.3x (output + one input), "
+        "difference <= 1e-5.",
+        "",
+        "| configuration | WEMoE fwd / plain | naive loop / WEMoE | adapt step / plain fwd+bwd | merge RSS TA / WEMoE | rel. diff |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]) if rows else ""
+
+
+def update_readme(results_dir: Path) -> None:
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- speed:start -->", "<!-- speed:end -->"
+    body = readme_summary(results_dir)
+    if start in text and end in text and body:
+        readme.write_text(text[: text.index(start)] + start + "\n" + body + "\n" + text[text.index(end):])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -313,7 +353,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     b, c = result["inference"], result["step"]
     result["ratios"] = {
-        "forward_vs_naive": b["naive_s_scaled"] / b["wemoe_s"], "forward_vs_plain": b["wemoe_s"] / b["plain_s"],
+        "forward_vs_naive": b["naive_s_scaled"] / b["wemoe_s"], "forward_vs_einsum_loop": b["naive_einsum_s_scaled"] / b["wemoe_s"],
+        "forward_vs_plain": b["wemoe_s"] / b["plain_s"],
         "step_vs_plain": c["wemoe_step_s"] / c["plain_fwd_bwd_s"],
         "merge_rss_task_arithmetic": merges["task-arithmetic"]["rss_ratio"], "merge_rss_wemoe": merges["wemoe"]["rss_ratio"],
     }
@@ -323,6 +364,8 @@ def main(argv: list[str] | None = None) -> None:
     md = report_md(result)
     (args.results / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.results / f"{stem}.md").write_text(md)
+    if args.results.resolve() == RESULTS.resolve():
+        update_readme(args.results)
     print(md)
 
 

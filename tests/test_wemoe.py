@@ -61,6 +61,31 @@ def test_zeroed_routers_equal_task_arithmetic(setup, capsys):
         assert torch.allclose(model(x), ta(x), rtol=1e-5, atol=1e-6)
 
 
+def test_fixed_routing_overrides_the_router_and_is_restored(setup, capsys):
+    import wemoe
+    from wemoe.checkpoint import open_checkpoint
+    from wemoe.errors import WemoeError
+    from wemoe.model.vit import build_vit
+
+    tmp, base, task_args, heads, data = setup
+    code, _, err = merge(capsys, setup, "fixed", "--lambda", "0.35", "--heads", *heads)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "merge", "--base", base, "--tasks", *task_args, "--lambda", "0.35", "--out", tmp / "ta-fixed", "-q")
+    assert code == 0, err
+    model = wemoe.load(tmp / "fixed")
+    ck = open_checkpoint(tmp / "ta-fixed")
+    ta = build_vit(ck.arch, ck.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        routed = model(x)
+        with model.fixed_routing([0.35] * T):  # every expert at lambda: the task-arithmetic model
+            assert torch.allclose(model(x), ta(x), rtol=1e-5, atol=1e-6)
+        assert torch.equal(model(x), routed)  # the router is back
+    with pytest.raises(WemoeError, match=f"needs {T} coefficients"):
+        with model.fixed_routing([1.0]):
+            pass
+
+
 def test_adapted_model_round_trip_in_fresh_process(setup, capsys):
     tmp, base, task_args, heads, data = setup
     code, _, err = merge(capsys, setup, "adapted", "--heads", *heads, "--data", *data, "--steps", "3", "--lr", "1e-2", "--seed", "7")

@@ -1,10 +1,16 @@
 """Task vectors: tau_i = theta_i - theta_0, formed one tensor at a time.
 
 Computed in float32 (or float64 for float64 inputs) so that low-precision
-checkpoints do not lose the small differences fine-tuning makes.
+checkpoints do not lose the small differences fine-tuning makes. Offered as a
+stream (methods that only sum never hold more than one task's tensor) or as one
+preallocated stack (methods that need every task at once), never as a list that
+is stacked again: the extra copy is what made a static merge's peak memory grow
+with the number of tasks.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
@@ -20,12 +26,20 @@ def base_tensor(inputs: MergeInputs, key: str, device: torch.device | str = "cpu
     return t.to(device=device, dtype=compute_dtype(t.dtype)) if t.is_floating_point() else t
 
 
-def task_vectors(inputs: MergeInputs, key: str, base: torch.Tensor, device: torch.device | str = "cpu") -> list[torch.Tensor]:
-    """tau_i for every task, for one canonical tensor; zero where a task took it from the base."""
-    out = []
+def iter_task_vectors(inputs: MergeInputs, key: str, base: torch.Tensor, device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
+    """tau_i for every task, one at a time, for one canonical tensor; zero where a task took it from the base."""
     for task in inputs.tasks:
         if key in task.from_base:
-            out.append(torch.zeros_like(base))
+            yield torch.zeros_like(base)
         else:
-            out.append(task.checkpoint.get(key).to(device=device, dtype=base.dtype) - base)
+            # out of place: a reader may hand back a tensor it keeps (in-memory .pt state dicts)
+            yield task.checkpoint.get(key).to(device=device, dtype=base.dtype) - base
+
+
+def stacked_task_vectors(inputs: MergeInputs, key: str, base: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """All tau_i of one tensor as a (T, *shape) stack, filled in place (no list + stack copy)."""
+    out = torch.empty((len(inputs.tasks), *base.shape), dtype=base.dtype, device=device)
+    for i, tau in enumerate(iter_task_vectors(inputs, key, base, device)):
+        out[i] = tau
+        del tau
     return out

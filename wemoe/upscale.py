@@ -16,7 +16,7 @@ from wemoe.merge.static import task_arithmetic
 from wemoe.model.moe import WeightEnsemblingMLP
 from wemoe.model.wemoe_model import WEMoEModel
 from wemoe.schemes import MLP_SUFFIXES
-from wemoe.task_vectors import base_tensor, task_vectors
+from wemoe.task_vectors import base_tensor, iter_task_vectors, stacked_task_vectors
 
 
 def build_wemoe(
@@ -38,14 +38,11 @@ def build_wemoe(
         if not base.is_floating_point():
             state[key] = base
             continue
-        taus = task_vectors(inputs, key, base)
         if key in moe_keys:
             b, suffix = moe_keys[key]
-            stacked = torch.stack(taus).float()
-            del taus
-            experts[b][suffix] = (base.float(), stacked)
+            experts[b][suffix] = (base.float(), stacked_task_vectors(inputs, key, base).float())
         else:
-            state[key] = task_arithmetic(base, taus, lam).float()
+            state[key] = task_arithmetic(base, iter_task_vectors(inputs, key, base), lam).float()
     torch.manual_seed(seed)
     model = WEMoEModel(arch, inputs.task_names, blocks, router_layers, lam, coef_range, head_bias="head.bias" in state)
     for b in blocks:

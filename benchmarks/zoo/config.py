@@ -14,7 +14,7 @@ FULL: dict[str, Any] = {
     "seed": 0,
     "data": {"n_train": 3000, "n_test": 600, "version": 1},
     "heads": {"logit_scale": 30.0, "per_class": 100},
-    "finetune": {"steps": 200, "batch": 32, "lr": 5e-4, "warmup": 20, "weight_decay": 0.0,
+    "finetune": {"steps": 400, "batch": 32, "lr": 5e-4, "warmup": 40, "weight_decay": 0.0,
                  "max_shift": 2},
 }
 QUICK: dict[str, Any] = copy.deepcopy(FULL)

@@ -29,7 +29,7 @@ def _shift_batch(x: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.T
 
 
 def finetune(base: torch.nn.Module, weight: torch.Tensor, x: np.ndarray, y: np.ndarray, cfg: dict[str, Any],
-             seed: int, desc: str = "finetune") -> torch.nn.Module:
+             seed: int, desc: str = "finetune", progress: bool = True) -> torch.nn.Module:
     """Return a fine-tuned copy of ``base`` (AdamW, linear warmup then cosine to 0)."""
     model = copy.deepcopy(base).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
@@ -37,7 +37,7 @@ def finetune(base: torch.nn.Module, weight: torch.Tensor, x: np.ndarray, y: np.n
     rng = np.random.default_rng(seed)
     xt, yt = torch.as_tensor(x), torch.as_tensor(y)
     steps, warm = cfg["steps"], cfg["warmup"]
-    bar = tqdm(range(steps), desc=desc, leave=False, mininterval=2)
+    bar = tqdm(range(steps), desc=desc, leave=False, mininterval=2, disable=not progress)
     for step in bar:
         lr = cfg["lr"] * ((step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm))))
         for grp in opt.param_groups:

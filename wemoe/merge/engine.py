@@ -19,7 +19,7 @@ from wemoe.io.output import CONFIG_FILE, AtomicDirectory, Entry, config_metadata
 from wemoe.merge.inputs import MergeInputs
 from wemoe.merge.static import DEFAULT_LAMBDA, static_method
 from wemoe.provenance import base_config
-from wemoe.task_vectors import base_tensor, task_vectors
+from wemoe.task_vectors import base_tensor, iter_task_vectors
 
 
 def output_dtype(requested: torch.dtype | None, original: torch.dtype) -> torch.dtype:
@@ -48,7 +48,7 @@ def static_merge_tensors(
     for key in tqdm(base.keys(), desc="merging", unit="tensor", disable=not progress):
         b = base_tensor(inputs, key, device)
         if b.is_floating_point():
-            merged = fn(b, task_vectors(inputs, key, b, device))
+            merged = fn(b, iter_task_vectors(inputs, key, b, device))
             merged = merged.to(device="cpu", dtype=output_dtype(dtype, base.dtype(key)))
         else:
             merged = b

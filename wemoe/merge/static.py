@@ -1,26 +1,39 @@
 """The classic static merges, one tensor at a time.
 
 Each function gets the base tensor and the task vectors tau_i = theta_i - theta_0
-of ONE tensor, so the engine can stream a model tensor by tensor.
+of ONE tensor, so the engine can stream a model tensor by tensor. The task
+vectors arrive as an iterable: average and task arithmetic sum them as they
+come (one task's tensor in memory at a time); TIES needs all of them at once.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterable
 
 import torch
 
 from wemoe.errors import WemoeError
 
 
-def average(base: torch.Tensor, taus: Sequence[torch.Tensor]) -> torch.Tensor:
+def _sum_and_count(base: torch.Tensor, taus: Iterable[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    total = torch.zeros_like(base)
+    n = 0
+    for tau in taus:
+        total.add_(tau)
+        n += 1
+    return total, n
+
+
+def average(base: torch.Tensor, taus: Iterable[torch.Tensor]) -> torch.Tensor:
     """Simple weight averaging: mean_i theta_i = theta_0 + mean_i tau_i."""
-    return base + torch.stack(list(taus)).mean(0)
+    total, n = _sum_and_count(base, taus)
+    return total.div_(max(n, 1)).add_(base)
 
 
-def task_arithmetic(base: torch.Tensor, taus: Sequence[torch.Tensor], lam: float) -> torch.Tensor:
+def task_arithmetic(base: torch.Tensor, taus: Iterable[torch.Tensor], lam: float) -> torch.Tensor:
     """theta_0 + lambda * sum_i tau_i (Ilharco et al., 2023)."""
-    return base + lam * torch.stack(list(taus)).sum(0)
+    total, _ = _sum_and_count(base, taus)
+    return total.mul_(lam).add_(base)
 
 
 def ties_trim(tau: torch.Tensor, k_percent: float) -> torch.Tensor:
@@ -38,7 +51,7 @@ def ties_trim(tau: torch.Tensor, k_percent: float) -> torch.Tensor:
     return out.view_as(tau)
 
 
-def ties(base: torch.Tensor, taus: Sequence[torch.Tensor], lam: float, k_percent: float) -> torch.Tensor:
+def ties(base: torch.Tensor, taus: Iterable[torch.Tensor], lam: float, k_percent: float) -> torch.Tensor:
     """TIES-merging (Yadav et al., 2023): trim, elect sign by summed mass, disjoint mean.
 
     Trimming is per tensor (as mergekit does) so the merge can stream; the
@@ -52,7 +65,7 @@ def ties(base: torch.Tensor, taus: Sequence[torch.Tensor], lam: float, k_percent
     return base + lam * disjoint_mean
 
 
-StaticFn = Callable[[torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
+StaticFn = Callable[[torch.Tensor, Iterable[torch.Tensor]], torch.Tensor]
 STATIC_METHODS = ("average", "task-arithmetic", "ties")
 DEFAULT_LAMBDA = {"task-arithmetic": 0.3, "ties": 1.0, "wemoe": 0.3}
 

@@ -419,6 +419,9 @@ class WeightEnsemblingMLP(nn.Module):
 
         self.router = Router(D, T, layers=router_layers, init_lambda=init_lambda)
         self.last_routing: torch.Tensor | None = None
+        # coefficients used for every sample instead of the router's (diagnostics:
+        # see WEMoEModel.fixed_routing); a routing passed to forward() wins
+        self.fixed_routing: torch.Tensor | None = None
 
     # -- routing -----------------------------------------------------------------
 
@@ -461,7 +464,7 @@ class WeightEnsemblingMLP(nn.Module):
         """
         if x.dim() != 3 or x.shape[-1] != self.width:
             raise WemoeError(f"expected input (B, N, {self.width}), got {tuple(x.shape)}")
-        r = self._resolve_routing(x, routing)
+        r = self._resolve_routing(x, routing if routing is not None else self.fixed_routing)
         self.last_routing = r.detach()
         dtype = self.fc1_weight.dtype
         xc = x.to(dtype).contiguous()

@@ -4,6 +4,12 @@ One Python iteration per sample: merge the four MLP tensors from the module's
 buffers with that sample's coefficients, then run ``F.linear -> act ->
 F.linear``. Differentiable with plain autograd (wrt the router parameters, the
 input, and a routing override).
+
+Two ways to merge a sample's weights: ``"einsum"`` (one contraction over the
+expert axis per tensor: already vectorised inside the sample) and ``"loop"``
+(``W = W + r_i * tau_i`` expert after expert, each step a new tensor: the way
+the original WEMoE / FusionBench module merges a state dict per sample). The
+speed benchmark reports WEMoE against both.
 """
 
 from __future__ import annotations
@@ -12,7 +18,20 @@ import torch
 import torch.nn.functional as F
 
 
-def naive_moe_forward(module, x: torch.Tensor, routing: torch.Tensor | None = None) -> torch.Tensor:
+def _merge_einsum(w: torch.Tensor, c: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    return w + torch.einsum("t,t...->...", c, experts)
+
+
+def _merge_loop(w: torch.Tensor, c: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    for i in range(experts.shape[0]):
+        w = w + c[i] * experts[i]
+    return w
+
+
+MERGES = {"einsum": _merge_einsum, "loop": _merge_loop}
+
+
+def naive_moe_forward(module, x: torch.Tensor, routing: torch.Tensor | None = None, merge: str = "einsum") -> torch.Tensor:
     """Per-sample loop equivalent of ``module(x, routing)``; computes in the buffer dtype."""
     if routing is None:
         r = module.routing_weights(x)
@@ -28,13 +47,14 @@ def naive_moe_forward(module, x: torch.Tensor, routing: torch.Tensor | None = No
     w2, b2 = module.fc2_weight_t.t(), module.fc2_bias  # (D, H), (D,)
     e_w1, e_b1 = module.expert_fc1_weight, module.expert_fc1_bias  # (T, H, D), (T, H)
     e_w2, e_b2 = module.expert_fc2_weight_t.transpose(1, 2), module.expert_fc2_bias  # (T, D, H), (T, D)
+    merged = MERGES[merge]
     outs = []
     for b in range(x.shape[0]):
         c = r[b]
-        fc1_w = w1 + torch.einsum("t,thd->hd", c, e_w1)
-        fc1_b = b1 + c @ e_b1
-        fc2_w = w2 + torch.einsum("t,tdh->dh", c, e_w2)
-        fc2_b = b2 + c @ e_b2
+        fc1_w = merged(w1, c, e_w1)
+        fc1_b = merged(b1, c, e_b1)
+        fc2_w = merged(w2, c, e_w2)
+        fc2_b = merged(b2, c, e_b2)
         h = module.act(F.linear(xc[b], fc1_w, fc1_b))
         outs.append(F.linear(h, fc2_w, fc2_b))
     return torch.stack(outs).to(x.dtype)

@@ -8,6 +8,8 @@ task vectors (frozen) and its router (the only trainable part).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Sequence
 
 import torch
@@ -105,6 +107,25 @@ class WEMoEModel(VisionTransformer):
             else:
                 x = x + block.mlp(h)
         return out
+
+    @contextmanager
+    def fixed_routing(self, coefs: Sequence[float] | torch.Tensor) -> Iterator["WEMoEModel"]:
+        """Route every sample with the same (T,) coefficients while inside the block.
+
+        A diagnostic, not a way to deploy: e.g. one-hot on a task's own expert gives
+        the accuracy a perfect router could reach with the merged non-MLP weights.
+        """
+        c = torch.as_tensor(coefs, dtype=torch.float32).reshape(-1)
+        if c.numel() != len(self.task_names):
+            raise WemoeError(f"fixed routing needs {len(self.task_names)} coefficients, got {c.numel()}")
+        modules = self.moe_modules()
+        for m in modules:
+            m.fixed_routing = c.to(m.fc1_weight.device)
+        try:
+            yield self
+        finally:
+            for m in modules:
+                m.fixed_routing = None
 
     def set_coef_range(self, coef_range: tuple[float, float] | None) -> None:
         for m in self.moe_modules():
