@@ -172,7 +172,8 @@ def child_inference(model_dir: str, base: str, batch: int, naive_samples: int, t
             y_naive = naive(xs, merge)
             scaled[merge] = (time.perf_counter() - t0) * batch / naive_samples
             rels.append(((y[:naive_samples] - y_naive).norm() / y_naive.norm()).item())
-    return {"plain_s": t_plain, "wemoe_s": t_moe, "naive_s_scaled": scaled["loop"], "naive_einsum_s_scaled": scaled["einsum"],
+    return {"plain_s": t_plain, "wemoe_s": t_moe, "naive_s_scaled": min(scaled.values()),
+            "naive_loop_s_scaled": scaled["loop"], "naive_einsum_s_scaled": scaled["einsum"],
             "naive_samples": naive_samples, "max_rel_diff": max(rels)}
 
 
@@ -209,7 +210,10 @@ def child_step(model_dir: str, base: str, per_task: int, threads: int) -> dict:
 
 
 def run_child(args: argparse.Namespace) -> None:
-    if args.stage == "inference":
+    if args.stage == "checkpoints":
+        base, tasks = make_checkpoints(args.arch, args.experts, Path(args.model))
+        res = {"base": str(base), "tasks": [str(t) for t in tasks]}
+    elif args.stage == "inference":
         res = child_inference(args.model, args.base, args.batch, args.naive_samples, args.threads)
     else:
         res = child_step(args.model, args.base, args.per_task, args.threads)
@@ -221,6 +225,7 @@ def report_md(r: dict) -> str:
     a, b, c = r["merge"], r["inference"], r["step"]
     fwd_naive = b["naive_s_scaled"] / b["wemoe_s"]
     fwd_einsum = b["naive_einsum_s_scaled"] / b["wemoe_s"]
+    fwd_loop = b["naive_loop_s_scaled"] / b["wemoe_s"]
     fwd_plain = b["wemoe_s"] / b["plain_s"]
     step = c["wemoe_step_s"] / c["plain_fwd_bwd_s"]
     ok = lambda cond: "meets goal" if cond else "**misses goal**"  # noqa: E731
@@ -237,8 +242,9 @@ def report_md(r: dict) -> str:
         f"{a['wemoe']['rss_ratio']}x (output + one input = {a['wemoe']['output_gb'] + a['wemoe']['input_gb']:.2f} GB) | <= 1.3x: {ok(a['wemoe']['rss_ratio'] <= 1.3)} |",
         f"| (b) forward, plain ViT | {b['plain_s']:.3f} s | 1.0 | |",
         f"| (b) forward, WEMoE per-sample routing | {b['wemoe_s']:.3f} s | {fwd_plain:.2f}x plain | <= 2x: {ok(fwd_plain <= 2)} |",
-        f"| (b) forward, naive per-sample loop, expert-by-expert merge as in the original module ({b['naive_samples']} samples, scaled) | {b['naive_s_scaled']:.2f} s | WEMoE is {fwd_naive:.1f}x faster | >= 10x: {ok(fwd_naive >= 10)} |",
-        f"| (b) forward, per-sample loop with one einsum merge per tensor ({b['naive_samples']} samples, scaled) | {b['naive_einsum_s_scaled']:.2f} s | WEMoE is {fwd_einsum:.1f}x faster | (stronger baseline, reported) |",
+        f"| (b) forward, naive per-sample loop, expert-by-expert merge as in the original module ({b['naive_samples']} samples, scaled) | {b['naive_loop_s_scaled']:.2f} s | WEMoE is {fwd_loop:.1f}x faster | |",
+        f"| (b) forward, naive per-sample loop, one einsum merge per tensor ({b['naive_samples']} samples, scaled) | {b['naive_einsum_s_scaled']:.2f} s | WEMoE is {fwd_einsum:.1f}x faster | |",
+        f"| (b) WEMoE vs the faster naive loop | | {fwd_naive:.1f}x | >= 10x: {ok(fwd_naive >= 10)} |",
         f"| (b) WEMoE vs both naive loops, max relative difference | {b['max_rel_diff']:.1e} | | <= 1e-5: {ok(b['max_rel_diff'] <= 1e-5)} |",
         f"| (c) plain ViT forward + backward, {c['images']} images | {c['plain_fwd_bwd_s']:.3f} s | 1.0 | |",
         f"| (c) WEMoE adaptation step ({r['experts']} tasks x {c['images'] // r['experts']} images) | {c['wemoe_step_s']:.3f} s | {step:.2f}x plain | <= 3x: {ok(step <= 3)} |",
@@ -263,13 +269,19 @@ def shortfall_notes(r: dict) -> list[str]:
             "in registers) or low-rank experts; not done yet."
         )
     notes.append(
-        "Naive loops: both run the whole ViT one sample at a time. The goal row merges each sample's MLP weights "
-        "expert after expert (W = W + r_i * tau_i, a new tensor per step), as the original WEMoE/FusionBench module "
-        "does; the einsum row contracts the expert axis in one call per tensor, a stronger baseline than any "
-        f"published loop, and WEMoE is {q['forward_vs_einsum_loop']:.1f}x faster than it."
+        "Naive loops: both run the whole ViT one sample at a time; one merges each sample's MLP weights expert after "
+        "expert (W = W + r_i * tau_i, a new tensor per step) as the original WEMoE/FusionBench module does, the other "
+        "contracts the expert axis with one einsum per tensor. The goal is checked against the faster of the two."
     )
     if q["forward_vs_naive"] < GOALS["forward_vs_naive"]:
-        notes.append("WEMoE is less than 10x faster than the naive loop: see the forward-vs-plain note.")
+        naive_vs_plain = r["inference"]["naive_s_scaled"] / r["inference"]["plain_s"]
+        notes.append(
+            f"Less than 10x faster than the naive loop: on this CPU the loop itself costs only {naive_vs_plain:.1f}x the plain "
+            f"batched ViT (batch-1 GEMMs plus one weight merge per sample), so 10x would need WEMoE at "
+            f"{naive_vs_plain / 10:.2f}x the plain model, i.e. faster than the model it extends. The 30 s (12.7 GB) quoted "
+            "for the reference implementation is forward + backward of 4 images, backward running through every "
+            "per-sample merged state dict; a forward-only loop written for speed is far cheaper than that."
+        )
     if q["merge_rss_task_arithmetic"] > GOALS["merge_rss"]:
         notes.append(
             "Static merge peak RSS above 1.3x: the merge holds the base tensor, a running sum and one task's tensor "
@@ -277,7 +289,8 @@ def shortfall_notes(r: dict) -> list[str]:
             "per-tensor working set."
         )
     if q["merge_rss_wemoe"] > GOALS["merge_rss"]:
-        notes.append("WEMoE build peak RSS above 1.3x: the whole upscaled model is held in memory before it is written.")
+        notes.append("WEMoE build peak RSS above 1.3x: the whole upscaled model is held in memory before it is written, "
+                     "and torch itself is ~0.5 GB resident.")
     return notes
 
 
@@ -289,14 +302,14 @@ def readme_summary(results_dir: Path) -> str:
         q = r["ratios"]
         rows.append(
             f"| [{r['arch']}, {r['experts']} experts, batch {r['batch']}]({path.with_suffix('.md').relative_to(REPO).as_posix()}) "
-            f"| {q['forward_vs_plain']:.2f}x | {q['forward_vs_naive']:.1f}x ({q.get('forward_vs_einsum_loop', float('nan')):.1f}x) "
+            f"| {q['forward_vs_plain']:.2f}x | {q['forward_vs_naive']:.1f}x "
             f"| {q['step_vs_plain']:.2f}x | {q['merge_rss_task_arithmetic']:.2f}x / {q['merge_rss_wemoe']:.2f}x "
             f"| {r['inference']['max_rel_diff']:.1e} |"
         )
     return "\n".join([
         f"Generated by `python -m benchmarks.speed` from `benchmarks/results/speed*.json` ({r['device']}, {r['threads']} threads); "
-        "ratios measured within one run. Goals: forward <= 2x plain, >= 10x faster than the naive loop "
-        "(in brackets: against the einsum-merge loop), step <= 3x plain, merge peak RSS <= 1.3x (output + one input), "
+        "ratios measured within one run. Goals: forward <= 2x plain, >= 10x faster than the faster naive "
+        "per-sample loop, step <= 3x plain, merge peak RSS <= 1.3x (output + one input), "
         "difference <= 1e-5.",
         "",
         "| configuration | WEMoE fwd / plain | naive loop / WEMoE | adapt step / plain fwd+bwd | merge RSS TA / WEMoE | rel. diff |",
@@ -323,17 +336,31 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--naive-samples", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--results", type=Path, default=RESULTS)
-    ap.add_argument("--stage", choices=["inference", "step"], help=argparse.SUPPRESS)
+    ap.add_argument("--rerender", action="store_true", help="rewrite the .md reports and README summary from the stored .json (no measuring)")
+    ap.add_argument("--stage", choices=["checkpoints", "inference", "step"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.stage:
         run_child(args)
         return
+    if args.rerender:
+        for path in sorted(args.results.glob("speed*.json")):
+            result = json.loads(path.read_text())
+            result["notes"] = shortfall_notes(result)
+            path.write_text(json.dumps(result, indent=2) + "\n")
+            path.with_suffix(".md").write_text(report_md(result))
+        update_readme(args.results)
+        return
     tag = f"{args.arch}-{args.experts}"
     work = CACHE / tag
     print(f"checkpoints: {work}", flush=True)
-    base, tasks = make_checkpoints(args.arch, args.experts, work)
+    # In a child too: a forked child's ru_maxrss starts from its parent's RSS (and survives
+    # exec), so the parent must stay small for the children's peaks to be their own.
+    made = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--stage", "checkpoints", "--arch", args.arch,
+                           "--experts", str(args.experts), "--model", str(work)], cwd=REPO, check=True, capture_output=True, text=True)
+    paths = json.loads(made.stdout.strip().splitlines()[-1])
+    base, tasks = Path(paths["base"]), [Path(t) for t in paths["tasks"]]
     print("(a) merges", flush=True)
     merges = stage_merges(base, tasks, work, args.threads)
     model = work / "merged-wemoe"
@@ -354,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     b, c = result["inference"], result["step"]
     result["ratios"] = {
         "forward_vs_naive": b["naive_s_scaled"] / b["wemoe_s"], "forward_vs_einsum_loop": b["naive_einsum_s_scaled"] / b["wemoe_s"],
+        "forward_vs_expert_loop": b["naive_loop_s_scaled"] / b["wemoe_s"],
         "forward_vs_plain": b["wemoe_s"] / b["plain_s"],
         "step_vs_plain": c["wemoe_step_s"] / c["plain_fwd_bwd_s"],
         "merge_rss_task_arithmetic": merges["task-arithmetic"]["rss_ratio"], "merge_rss_wemoe": merges["wemoe"]["rss_ratio"],

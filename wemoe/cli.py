@@ -11,6 +11,7 @@ import sys
 import click
 
 from wemoe.errors import WemoeError
+from wemoe.memory import return_freed_memory_to_os
 from wemoe.options import GREEDY_OPTIONS, apply_config, device_option, expand_greedy, verbosity_options
 
 
@@ -122,6 +123,7 @@ def export(**opts) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    return_freed_memory_to_os()
     args = expand_greedy(list(sys.argv[1:] if argv is None else argv), GREEDY_OPTIONS)
     debug = "--debug" in args
     try:

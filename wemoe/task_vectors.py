@@ -36,10 +36,17 @@ def iter_task_vectors(inputs: MergeInputs, key: str, base: torch.Tensor, device:
             yield task.checkpoint.get(key).to(device=device, dtype=base.dtype) - base
 
 
-def stacked_task_vectors(inputs: MergeInputs, key: str, base: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    """All tau_i of one tensor as a (T, *shape) stack, filled in place (no list + stack copy)."""
-    out = torch.empty((len(inputs.tasks), *base.shape), dtype=base.dtype, device=device)
+def stacked_task_vectors(
+    inputs: MergeInputs, key: str, base: torch.Tensor, device: torch.device | str = "cpu", transposed: bool = False
+) -> torch.Tensor:
+    """All tau_i of one tensor as a (T, *shape) stack, filled in place (no list + stack copy).
+
+    ``transposed`` (2-D tensors): the stack is stored as (T, cols, rows) and returned as
+    its (T, rows, cols) view, for consumers that keep the transposed layout (no copy later).
+    """
+    shape = tuple(reversed(base.shape)) if transposed else tuple(base.shape)
+    out = torch.empty((len(inputs.tasks), *shape), dtype=base.dtype, device=device)
     for i, tau in enumerate(iter_task_vectors(inputs, key, base, device)):
-        out[i] = tau
+        out[i] = tau.t() if transposed else tau
         del tau
-    return out
+    return out.transpose(1, 2) if transposed else out

@@ -40,11 +40,16 @@ def build_wemoe(
             continue
         if key in moe_keys:
             b, suffix = moe_keys[key]
-            experts[b][suffix] = (base.float(), stacked_task_vectors(inputs, key, base).float())
+            # the MoE block keeps fc2 experts transposed: build them that way, saving a copy
+            stack = stacked_task_vectors(inputs, key, base, transposed=suffix == "mlp.fc2.weight")
+            experts[b][suffix] = (base.float(), stack.float())
+            del stack
         else:
             state[key] = task_arithmetic(base, iter_task_vectors(inputs, key, base), lam).float()
     torch.manual_seed(seed)
-    model = WEMoEModel(arch, inputs.task_names, blocks, router_layers, lam, coef_range, head_bias="head.bias" in state)
+    # on the meta device: every non-MoE tensor is then assigned from ``state`` (no second copy)
+    with torch.device("meta"):
+        model = WEMoEModel(arch, inputs.task_names, blocks, router_layers, lam, coef_range, head_bias="head.bias" in state)
     for b in blocks:
         e = experts.pop(b)  # handed over without a copy, then dropped: peak stays near the output size
         model.blocks[b].mlp = WeightEnsemblingMLP(
@@ -53,7 +58,7 @@ def build_wemoe(
             activation=arch.activation, router_layers=router_layers, init_lambda=lam, coef_range=coef_range, copy=False,
         )
         del e
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     unexpected_plain = [k for k in unexpected]
     assert not unexpected_plain, unexpected_plain
     not_loaded = [k for k in missing if ".mlp." not in k]

@@ -1,0 +1,35 @@
+"""Process memory policy for the command line: freed tensors go back to the OS.
+
+glibc serves an allocation from its heap when it is below the mmap threshold, and
+raises that threshold (up to 32 MiB) every time a larger mmapped block is freed.
+A streaming merge frees thousands of multi-MB tensors, so after the first few
+they all land in the heap, where fragmentation keeps freed memory resident:
+measured at ViT-B/32 with 8 experts, the WEMoE build peaked at 3.52 GB with
+the dynamic threshold and 3.17 GB with a fixed 1 MiB one. Pinning the threshold
+makes every tensor of 1 MiB or more its own mapping, unmapped on free.
+
+Only the ``wemoe`` command calls this; importing the library changes nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+THRESHOLD_BYTES = 1 << 20
+
+
+def return_freed_memory_to_os(threshold: int = THRESHOLD_BYTES) -> bool:
+    """Fix glibc's mmap threshold; False (and no change) on other C libraries or platforms."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, int(threshold)))
