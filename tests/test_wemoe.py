@@ -36,17 +36,23 @@ def merge(capsys, setup, out, *extra):
     return run_cli(capsys, "merge", "--base", base, "--tasks", *task_args, "--method", "wemoe", "--out", tmp / out, "-q", *extra)
 
 
-def test_zeroed_routers_equal_task_arithmetic(setup, capsys):
+def untrained_and_task_arithmetic(setup, capsys, name: str, lam: str = "0.35"):
+    """An untrained WEMoE merge and the task-arithmetic merge at the same lambda, both loaded."""
     import wemoe
     from wemoe.checkpoint import open_checkpoint
     from wemoe.model.vit import build_vit
 
     tmp, base, task_args, heads, data = setup
-    code, _, err = merge(capsys, setup, "untrained", "--lambda", "0.35", "--heads", *heads)
+    code, _, err = merge(capsys, setup, name, "--lambda", lam, "--heads", *heads)
     assert code == 0, err
-    code, _, err = run_cli(capsys, "merge", "--base", base, "--tasks", *task_args, "--lambda", "0.35", "--out", tmp / "ta", "-q")
+    code, _, err = run_cli(capsys, "merge", "--base", base, "--tasks", *task_args, "--lambda", lam, "--out", tmp / f"{name}-ta", "-q")
     assert code == 0, err
-    model = wemoe.load(tmp / "untrained")
+    ck = open_checkpoint(tmp / f"{name}-ta")
+    return wemoe.load(tmp / name), build_vit(ck.arch, ck.state_dict())
+
+
+def test_zeroed_routers_equal_task_arithmetic(setup, capsys):
+    model, ta = untrained_and_task_arithmetic(setup, capsys, "untrained")
     with torch.no_grad():
         for m in model.moe_modules():
             for name, p in m.router.named_parameters():
@@ -54,27 +60,15 @@ def test_zeroed_routers_equal_task_arithmetic(setup, capsys):
                 if name.endswith("bias") and p.shape[-1] == T:
                     p.fill_(0.35)
             assert m.routing_weights(torch.randn(2, 5, 64)).allclose(torch.full((2, T), 0.35))
-    ck = open_checkpoint(tmp / "ta")
-    ta = build_vit(ck.arch, ck.state_dict())
     x = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(model(x), ta(x), rtol=1e-5, atol=1e-6)
 
 
 def test_fixed_routing_overrides_the_router_and_is_restored(setup, capsys):
-    import wemoe
-    from wemoe.checkpoint import open_checkpoint
     from wemoe.errors import WemoeError
-    from wemoe.model.vit import build_vit
 
-    tmp, base, task_args, heads, data = setup
-    code, _, err = merge(capsys, setup, "fixed", "--lambda", "0.35", "--heads", *heads)
-    assert code == 0, err
-    code, _, err = run_cli(capsys, "merge", "--base", base, "--tasks", *task_args, "--lambda", "0.35", "--out", tmp / "ta-fixed", "-q")
-    assert code == 0, err
-    model = wemoe.load(tmp / "fixed")
-    ck = open_checkpoint(tmp / "ta-fixed")
-    ta = build_vit(ck.arch, ck.state_dict())
+    model, ta = untrained_and_task_arithmetic(setup, capsys, "fixed")
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         routed = model(x)
