@@ -79,7 +79,7 @@ def own_expert_ceiling(merged: Path, zoo: Zoo) -> dict[str, float]:
 
     model = wemoe.load(merged)
     out = {}
-    for i, t in enumerate(zoo.tasks):
+    for t in zoo.tasks:
         onehot = torch.zeros(len(model.task_names))
         onehot[model.task_names.index(t)] = 1.0
         with model.fixed_routing(onehot):

@@ -74,6 +74,7 @@ def test_fixed_routing_overrides_the_router_and_is_restored(setup, capsys):
         routed = model(x)
         with model.fixed_routing([0.35] * T):  # every expert at lambda: the task-arithmetic model
             assert torch.allclose(model(x), ta(x), rtol=1e-5, atol=1e-6)
+            assert all(torch.equal(r, torch.full((4, T), 0.35)) for r in model.routing(x))  # reported as used
         assert torch.equal(model(x), routed)  # the router is back
     with pytest.raises(WemoeError, match=f"needs {T} coefficients"):
         with model.fixed_routing([1.0]):

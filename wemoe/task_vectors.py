@@ -48,5 +48,4 @@ def stacked_task_vectors(
     out = torch.empty((len(inputs.tasks), *shape), dtype=base.dtype, device=device)
     for i, tau in enumerate(iter_task_vectors(inputs, key, base, device)):
         out[i] = tau.t() if transposed else tau
-        del tau
     return out.transpose(1, 2) if transposed else out

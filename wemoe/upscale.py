@@ -43,7 +43,6 @@ def build_wemoe(
             # the MoE block keeps fc2 experts transposed: build them that way, saving a copy
             stack = stacked_task_vectors(inputs, key, base, transposed=suffix == "mlp.fc2.weight")
             experts[b][suffix] = (base.float(), stack.float())
-            del stack
         else:
             state[key] = task_arithmetic(base, iter_task_vectors(inputs, key, base), lam).float()
     torch.manual_seed(seed)
@@ -59,8 +58,7 @@ def build_wemoe(
         )
         del e
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    unexpected_plain = [k for k in unexpected]
-    assert not unexpected_plain, unexpected_plain
+    assert not unexpected, unexpected
     not_loaded = [k for k in missing if ".mlp." not in k]
     assert not not_loaded, not_loaded
     return model.freeze_backbone().eval()

@@ -419,14 +419,19 @@ class WeightEnsemblingMLP(nn.Module):
 
         self.router = Router(D, T, layers=router_layers, init_lambda=init_lambda)
         self.last_routing: torch.Tensor | None = None
-        # coefficients used for every sample instead of the router's (diagnostics:
-        # see WEMoEModel.fixed_routing); a routing passed to forward() wins
+        # coefficients routing_weights() returns for every sample instead of the router's
+        # (diagnostics: see WEMoEModel.fixed_routing); a routing passed to forward() wins
         self.fixed_routing: torch.Tensor | None = None
 
     # -- routing -----------------------------------------------------------------
 
     def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """Merging coefficients (B, T) for the MLP input ``x`` (B, N, D), clamped to ``coef_range``."""
+        """Merging coefficients (B, T) for the MLP input ``x`` (B, N, D), clamped to ``coef_range``.
+
+        While ``fixed_routing`` is set, every sample gets those coefficients, unclamped.
+        """
+        if self.fixed_routing is not None:
+            return self.fixed_routing.to(dtype=x.dtype).expand(x.shape[0], -1)
         r = self.router(x)
         if self.coef_range is not None:
             r = r.clamp(self.coef_range[0], self.coef_range[1])
@@ -464,7 +469,7 @@ class WeightEnsemblingMLP(nn.Module):
         """
         if x.dim() != 3 or x.shape[-1] != self.width:
             raise WemoeError(f"expected input (B, N, {self.width}), got {tuple(x.shape)}")
-        r = self._resolve_routing(x, routing if routing is not None else self.fixed_routing)
+        r = self._resolve_routing(x, routing)
         self.last_routing = r.detach()
         dtype = self.fc1_weight.dtype
         xc = x.to(dtype).contiguous()
