@@ -67,3 +67,40 @@ def test_rendered_builder_is_deterministic() -> None:
     c = datasets.build_task("shapes", 16, 8, seed=4)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert not np.array_equal(a["x_train"], c["x_train"])
+
+
+def test_broad_pretraining_kinds_are_not_task_classes() -> None:
+    from benchmarks.zoo import broad
+
+    assert not {s.lower() for s in broad.BROAD_SHAPES} & {s.lower() for s in datasets.SHAPES}
+    assert not {s.lower() for s in broad.BROAD_TEXTURES} & {s.lower() for s in datasets.TEXTURES}
+    sm, sk = broad.shape_bank(2, seed=0)
+    tm, tk = broad.texture_bank(2, seed=0)
+    assert sm.shape == (2 * len(broad.BROAD_SHAPES), 32, 32) and sm.dtype == np.uint8
+    assert tm.shape == (2 * len(broad.BROAD_TEXTURES), 32, 32) and tm.dtype == np.uint8
+    assert sorted(set(sk.tolist())) == list(range(len(broad.BROAD_SHAPES)))
+    assert sorted(set(tk.tolist())) == list(range(len(broad.BROAD_TEXTURES)))
+    # every mask draws something and leaves some ground
+    for m in list(sm) + list(tm):
+        assert 0.02 < (m > 127).mean() < 0.9
+    np.testing.assert_array_equal(broad.shape_bank(2, seed=0)[0], sm)
+
+
+def test_broad_batch_mixes_kinds_with_offset_labels() -> None:
+    from benchmarks.zoo import broad
+    from benchmarks.zoo.pretrain import BROAD_DEFAULT, _sample_batch
+
+    n_glyph_classes = 5
+    rng = np.random.default_rng(0)
+    sm, sk = broad.shape_bank(2, seed=0)
+    tm, tk = broad.texture_bank(2, seed=1)
+    bank = {"masks": rng.integers(0, 255, (20, 32, 32), dtype=np.uint8), "labels": np.arange(20) % n_glyph_classes,
+            "shape_masks": sm, "shape_labels": sk + n_glyph_classes, "texture_masks": tm,
+            "texture_labels": tk + n_glyph_classes + len(broad.BROAD_SHAPES)}
+    d = {"rotate": 12.0, "scale": [0.7, 1.1], "shift": 0.12, "clutter": 0.5, "broad": dict(BROAD_DEFAULT)}
+    x, y = _sample_batch(bank, np.arange(20), 64, rng, torch.Generator().manual_seed(0), d)
+    assert x.shape == (64, 32, 32, 3) and x.dtype == torch.uint8
+    n_shape = n_tex = round(64 * BROAD_DEFAULT["shape_frac"])
+    assert (y < n_glyph_classes).sum() == 64 - n_shape - n_tex
+    assert ((y >= n_glyph_classes) & (y < n_glyph_classes + len(broad.BROAD_SHAPES))).sum() == n_shape
+    assert (y >= n_glyph_classes + len(broad.BROAD_SHAPES)).sum() == n_tex

@@ -6,6 +6,8 @@ random colours, clutter and affine jitter. Latin capitals and digits are exclude
 are tasks. Held-out fonts give an honest accuracy. Run: ``python -m benchmarks.zoo.pretrain``
 (rebuilds ``base.safetensors`` + ``recipe.json`` from ``recipe.json``: the full 1,800-step
 schedule at 2 threads took 24 min on the 2-core machine; held-out-font top-1 63%).
+``--broad`` adds the pretraining-only shapes, textures and glyph scatters of ``broad.py``
+(attempt 3 in ATTEMPTS.md; not the committed base).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import compose, glyphs
+from . import broad, compose, glyphs
 from .model import build_vit, preprocess, save_encoder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -51,6 +53,10 @@ DEFAULT_RECIPE: dict[str, Any] = {
 }
 
 
+BROAD_DEFAULT: dict[str, Any] = {"seed": 0, "shape_variants": 24, "texture_variants": 48,
+                                 "shape_frac": 0.125, "texture_frac": 0.125, "scatter_frac": 0.2}
+
+
 def class_chars(groups: dict[str, str]) -> list[str]:
     chars: list[str] = []
     for s in groups.values():
@@ -59,7 +65,11 @@ def class_chars(groups: dict[str, str]) -> list[str]:
 
 
 def build_bank(recipe: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Render every (class, font) mask; split fonts into train / held-out by index."""
+    """Render every (class, font) mask; split fonts into train / held-out by index.
+
+    With a ``broad`` recipe part, shape and texture banks are added as extra classes after
+    the glyph classes (they never enter the held-out glyph score).
+    """
     d = recipe["data"]
     chars = class_chars(d["char_groups"])
     fonts = glyphs.font_pool(d["font_pool"])
@@ -68,7 +78,16 @@ def build_bank(recipe: dict[str, Any]) -> dict[str, np.ndarray]:
     # classes with few fonts keep all fonts in training; they are left out of the held-out score
     per_class = np.bincount(labels, minlength=len(chars))
     held &= per_class[labels] >= 10
-    return {"masks": masks, "labels": labels, "held": held, "n_classes": np.array(len(chars))}
+    bank = {"masks": masks, "labels": labels, "held": held, "n_classes": np.array(len(chars))}
+    b = d.get("broad")
+    if b:
+        sm, sk = broad.shape_bank(b["shape_variants"], b["seed"])
+        tm, tk = broad.texture_bank(b["texture_variants"], b["seed"] + 1)
+        n_glyph = len(chars)
+        bank.update(shape_masks=sm, shape_labels=sk + n_glyph, texture_masks=tm,
+                    texture_labels=tk + n_glyph + len(broad.BROAD_SHAPES),
+                    n_classes=np.array(n_glyph + len(broad.BROAD_SHAPES) + len(broad.BROAD_TEXTURES)))
+    return bank
 
 
 class CosineHead(torch.nn.Module):
@@ -86,6 +105,31 @@ class CosineHead(torch.nn.Module):
 def _sample(bank: dict[str, np.ndarray], idx: np.ndarray, g: torch.Generator, d: dict[str, Any]) -> torch.Tensor:
     m = torch.from_numpy(bank["masks"][idx])
     return compose.compose(m, g, rotate=d["rotate"], scale=tuple(d["scale"]), shift=d["shift"], clutter=d["clutter"])
+
+
+def _sample_batch(bank: dict[str, np.ndarray], train_idx: np.ndarray, batch: int, rng: np.random.Generator,
+                  g: torch.Generator, d: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training batch (uint8 images, labels): glyphs, plus the broad kinds when the recipe has them."""
+    b = d.get("broad")
+    if not b:
+        idx = train_idx[rng.integers(0, len(train_idx), batch)]
+        return _sample(bank, idx, g, d), torch.from_numpy(bank["labels"][idx])
+    n_shape, n_tex = round(batch * b["shape_frac"]), round(batch * b["texture_frac"])
+    n_glyph = batch - n_shape - n_tex
+    n_scatter = round(n_glyph * b["scatter_frac"])
+    idx = train_idx[rng.integers(0, len(train_idx), n_glyph)]
+    plain = _sample(bank, idx[n_scatter:], g, d)
+    scattered = compose.compose(broad.scatter(torch.from_numpy(bank["masks"][idx[:n_scatter]]), g), g,
+                                rotate=0.0, scale=(1.0, 1.0), shift=0.0, clutter=d["clutter"])
+    si = rng.integers(0, len(bank["shape_labels"]), n_shape)
+    shapes = compose.compose(torch.from_numpy(bank["shape_masks"][si]), g, rotate=180.0, scale=(0.45, 1.0),
+                             shift=0.2, clutter=d["clutter"], stroke_p=0.0)
+    ti = rng.integers(0, len(bank["texture_labels"]), n_tex)
+    tex = compose.compose(torch.from_numpy(bank["texture_masks"][ti]), g, rotate=0.0, scale=(1.0, 1.0),
+                          shift=0.0, clutter=0.0, stroke_p=0.0, noise=0.05)
+    x = torch.cat([scattered, plain, shapes, tex])
+    y = torch.from_numpy(np.concatenate([bank["labels"][idx], bank["shape_labels"][si], bank["texture_labels"][ti]]))
+    return x, y
 
 
 def lr_at(step: int, t: dict[str, Any]) -> float:
@@ -137,9 +181,8 @@ def pretrain(recipe: dict[str, Any], out: str = BASE_PATH, log_every: int = 50,
     for step in range(t.get("stop_after", t["steps"])):
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, t)
-        idx = train_idx[rng.integers(0, len(train_idx), t["batch"])]
-        x = preprocess(_sample(bank, idx, g, d))
-        y = torch.from_numpy(bank["labels"][idx])
+        x, y = _sample_batch(bank, train_idx, t["batch"], rng, g, d)
+        x = preprocess(x)
         logits = head(model(x))
         loss = F.cross_entropy(logits, y, label_smoothing=t["label_smoothing"])
         opt.zero_grad(set_to_none=True)
@@ -172,7 +215,12 @@ def main() -> None:
     ap.add_argument("--recipe-out", default=RECIPE_PATH)
     ap.add_argument("--snapshot", default=None, help="path for intermediate checkpoints")
     ap.add_argument("--threads", type=int, default=None, help="override torch threads")
+    ap.add_argument("--broad", action="store_true",
+                    help="add the pretraining-only shapes, textures and glyph scatters (benchmarks/zoo/broad.py)")
     args = ap.parse_args()
+    if args.broad and (os.path.abspath(args.out) == BASE_PATH or os.path.abspath(args.recipe_out) == RECIPE_PATH):
+        ap.error("--broad is an experiment (ATTEMPTS.md, attempt 3): give --out and --recipe-out outside the "
+                 "committed base and recipe")
     recipe = json.loads(json.dumps(DEFAULT_RECIPE))
     if os.path.exists(RECIPE_PATH) and args.steps is None:
         recipe = {k: v for k, v in json.load(open(RECIPE_PATH)).items() if k in DEFAULT_RECIPE}
@@ -182,6 +230,8 @@ def main() -> None:
         recipe["train"]["stop_after"] = args.stop_after
     if args.threads is not None:
         recipe["train"]["threads"] = args.threads
+    if args.broad:
+        recipe["data"]["broad"] = dict(BROAD_DEFAULT)
     result = pretrain(recipe, args.out, snapshot=args.snapshot)
     print(json.dumps(result), flush=True)
     with open(args.recipe_out, "w") as f:

@@ -91,9 +91,10 @@ def main() -> None:
     ap.add_argument("--cache", default=DEFAULT_CACHE)
     ap.add_argument("--json", default=None, help="write the full result here")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lambdas", default=",".join(map(str, LAMBDAS)), help="comma-separated task-arithmetic grid")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    res = evaluate(args.cache)
+    res = evaluate(args.cache, lambdas=tuple(float(v) for v in args.lambdas.split(",")))
     print(table(res))
     if args.json:
         with open(args.json, "w") as f:
