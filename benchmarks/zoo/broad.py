@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from . import compose
+from .datasets import texture_coords
 
 BROAD_SHAPES = ("pentagon", "heptagon", "octagon", "ellipse", "crescent", "arrow", "heart",
                 "rhombus", "trapezoid", "parallelogram", "L-shape", "T-shape")
@@ -66,11 +67,7 @@ def _shape(k: int, rng: np.random.Generator, res: int = 128) -> np.ndarray:
 
 
 def _texture(k: int, rng: np.random.Generator) -> np.ndarray:
-    yy, xx = np.mgrid[0:32, 0:32].astype(np.float32)
-    th = rng.uniform(0, np.pi)
-    u = xx * np.cos(th) + yy * np.sin(th) + rng.uniform(0, 32)
-    v = -xx * np.sin(th) + yy * np.cos(th) + rng.uniform(0, 32)
-    p = rng.uniform(5, 9)
+    yy, xx, u, v, p = texture_coords(rng, (5, 9))
     name = BROAD_TEXTURES[k]
     if name == "zigzag":
         tri = np.abs((u / p) % 2 - 1) * p

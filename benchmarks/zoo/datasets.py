@@ -150,13 +150,18 @@ def housenum(n_train: int, n_test: int, seed: int) -> Split:
 
 
 # ---------------------------------------------------------------- procedural
-def _texture_mask(k: int, rng: np.random.Generator) -> np.ndarray:
-    """One 32x32 texture of class ``k`` as a [0,1] float mask (pattern vs ground)."""
+def texture_coords(rng: np.random.Generator, period: tuple[float, float]) -> tuple[np.ndarray, ...]:
+    """Pixel grid (yy, xx), coordinates (u, v) rotated and shifted at random, and a random period."""
     yy, xx = np.mgrid[0:32, 0:32].astype(np.float32)
     th = rng.uniform(0, np.pi)
     u = xx * np.cos(th) + yy * np.sin(th) + rng.uniform(0, 32)
     v = -xx * np.sin(th) + yy * np.cos(th) + rng.uniform(0, 32)
-    p = rng.uniform(5, 10)
+    return yy, xx, u, v, rng.uniform(*period)
+
+
+def _texture_mask(k: int, rng: np.random.Generator) -> np.ndarray:
+    """One 32x32 texture of class ``k`` as a [0,1] float mask (pattern vs ground)."""
+    yy, xx, u, v, p = texture_coords(rng, (5, 10))
     soft = lambda z: 1 / (1 + np.exp(-4 * z))  # noqa: E731
     if k == 0:  # stripes
         return soft(np.sin(2 * np.pi * u / p))
