@@ -104,3 +104,16 @@ def test_broad_batch_mixes_kinds_with_offset_labels() -> None:
     assert (y < n_glyph_classes).sum() == 64 - n_shape - n_tex
     assert ((y >= n_glyph_classes) & (y < n_glyph_classes + len(broad.BROAD_SHAPES))).sum() == n_shape
     assert (y >= n_glyph_classes + len(broad.BROAD_SHAPES)).sum() == n_tex
+
+
+def test_ceiling_script_refuses_an_unbuilt_zoo_in_one_line(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.zoo.ceiling", "--cache", str(tmp_path), "--out", str(tmp_path / "c")],
+                          cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: no built zoo at {tmp_path} (missing {', '.join(datasets.TASKS)}): run `python -m benchmarks.zoo build` first"]
+    assert not list(tmp_path.iterdir())

@@ -123,6 +123,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lam = default_lambda() if args.lam is None else args.lam
+    missing = [t for t in datasets.TASKS if not os.path.exists(os.path.join(args.cache, "tasks", f"{t}.safetensors"))]
+    if missing:
+        raise SystemExit(f"error: no built zoo at {args.cache} (missing {', '.join(missing)}): "
+                         "run `python -m benchmarks.zoo build` first")
     t0 = time.time()
     rows = decompose(args.cache, lam)
     seconds = time.time() - t0
