@@ -26,6 +26,7 @@ from . import datasets
 from .build import DEFAULT_CACHE, REPO
 from .heads import accuracy, load_head
 from .model import load_encoder, load_state
+from .quickeval import task_arithmetic
 
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 ACCURACY_JSON = os.path.join(RESULTS, "accuracy.json")
@@ -64,20 +65,23 @@ def decompose(cache: str, lam: float, tasks: tuple[str, ...] = datasets.TASKS) -
     model = load_encoder(os.path.join(cache, "base.safetensors"))
     base, _ = load_state(os.path.join(cache, "base.safetensors"))
     own = {t: load_state(os.path.join(cache, "tasks", f"{t}.safetensors"))[0] for t in tasks}
-    merged = {k: v + lam * sum(own[t][k] - v for t in tasks) for k, v in base.items()}
+    merged = task_arithmetic(base, [own[t] for t in tasks], lam)
     unassigned = [k for k in base if not any(g(k) for g in GROUPS.values())]
     if unassigned:
         raise ValueError(f"tensors in no group: {unassigned}")
+    tests, heads = {}, {}
+    for t in tasks:
+        with np.load(os.path.join(cache, "data", f"{t}.npz")) as z:
+            tests[t] = (z["x_test"], z["y_test"])
+        heads[t] = load_head(os.path.join(cache, "heads", f"head_{t}.safetensors"))
     rows: dict[str, dict[str, float]] = {}
     for label, groups in CONFIGS:
+        swapped = {k for k in base if any(GROUPS[g](k) for g in groups)}
         rows[label] = {}
         for t in tasks:
-            with np.load(os.path.join(cache, "data", f"{t}.npz")) as z:
-                x, y = z["x_test"], z["y_test"]
-            weight, bias, _ = load_head(os.path.join(cache, "heads", f"head_{t}.safetensors"))
-            sd = {k: own[t][k] if any(GROUPS[g](k) for g in groups) else v for k, v in merged.items()}
-            model.load_state_dict(sd)
-            rows[label][t] = accuracy(model, weight, x, y, bias)
+            model.load_state_dict({k: own[t][k] if k in swapped else v for k, v in merged.items()})
+            weight, bias, _ = heads[t]
+            rows[label][t] = accuracy(model, weight, *tests[t], bias)
         print(f"{label:64s} {100 * np.mean(list(rows[label].values())):5.1f}", flush=True)
     return rows
 
