@@ -3,6 +3,7 @@
 Cache layout (default ``benchmarks/cache/zoo``; ``--quick`` defaults to ``benchmarks/cache/zoo_quick``)::
 
     base.safetensors            copy of the committed base
+    replay.npz                  pretraining-distribution images for the fine-tunes (replay.py)
     data/<task>.npz             x_train, y_train, x_test, y_test, classes, recipe_hash
     heads/head_<task>.safetensors
     tasks/<task>.safetensors    fine-tuned encoder, base format
@@ -24,7 +25,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from . import config, datasets
+from . import config, datasets, replay
 from .finetune import finetune
 from .heads import accuracy, balanced_subset, fit_prototypes, load_head, save_head
 from .model import load_encoder, load_state, save_encoder
@@ -50,7 +51,7 @@ def hashes(rec: dict[str, Any], base_digest: str, task: str) -> dict[str, str]:
     """Hashes of each stage for one task; later stages chain the earlier ones."""
     data = config.digest("data", rec["seed"], rec["data"], task)
     head = config.digest("head", data, base_digest, rec["heads"])
-    ft = config.digest("ft", head, rec["finetune"])
+    ft = config.digest("ft", head, rec["finetune"], rec["replay"])
     return {"data": data, "head": head, "ft": ft}
 
 
@@ -76,7 +77,10 @@ def _finetune_job(job: dict[str, Any]) -> str:
     weight, _, _ = load_head(job["head"])
     with np.load(job["data"]) as z:
         x, y = z["x_train"], z["y_train"]
-    model = finetune(base, weight, x, y, job["cfg"], seed=job["seed"], desc=f"finetune {job['task']}", progress=job["progress"])
+    with np.load(job["replay"]) as z:
+        xr = z["x"]
+    model = finetune(base, weight, x, y, job["cfg"], seed=job["seed"], desc=f"finetune {job['task']}",
+                     progress=job["progress"], replay=xr)
     save_encoder(model, job["out"], job["arch"], {"zoo_hash": job["hash"], "task": job["task"]})
     return job["task"]
 
@@ -113,6 +117,7 @@ def build(cache: str, quick: bool = False, tasks: tuple[str, ...] = datasets.TAS
     if not os.path.exists(cached_base) or config.file_digest(cached_base) != base_digest:
         shutil.copyfile(base_path, cached_base)
     base = load_encoder(cached_base)
+    replay_path = os.path.join(cache, "replay.npz")
     arch_meta = {k: v for k, v in _meta(cached_base).items() if k != "recipe"}
     arch = {k: (float(v) if k == "mlp_ratio" else int(v)) for k, v in arch_meta.items() if k != "activation"}
     results: dict[str, Any] = {"quick": quick, "recipe": rec, "tasks": {}}
@@ -130,8 +135,11 @@ def build(cache: str, quick: bool = False, tasks: tuple[str, ...] = datasets.TAS
         task_path = os.path.join(cache, "tasks", f"{task}.safetensors")
         if not _fresh(task_path, h["ft"]):
             pending.append({"task": task, "base": cached_base, "head": head_path, "data": os.path.join(cache, "data", f"{task}.npz"),
-                            "cfg": rec["finetune"], "seed": rec["seed"] * 100 + ti, "out": task_path, "arch": arch,
+                            "cfg": rec["finetune"], "replay": replay_path, "seed": rec["seed"] * 100 + ti, "out": task_path, "arch": arch,
                             "hash": h["ft"], "threads": 1 if jobs > 1 else threads, "progress": jobs <= 1})
+    if pending:
+        r = rec["replay"]
+        replay.load_or_render(replay_path, cached_base, r["n"], r["seed"], config.digest("replay", base_digest, r))
     _run_finetunes(pending, min(jobs, len(pending)))
     for task in tasks:
         data = datas[task]

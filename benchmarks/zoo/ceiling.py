@@ -24,9 +24,7 @@ import torch
 
 from . import datasets
 from .build import DEFAULT_CACHE, REPO
-from .heads import accuracy, load_head
-from .model import load_encoder, load_state
-from .quickeval import task_arithmetic
+from .quickeval import load_built, require_built, task_arithmetic
 
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 ACCURACY_JSON = os.path.join(RESULTS, "accuracy.json")
@@ -61,32 +59,28 @@ def default_lambda() -> float:
         return 0.3
 
 
-def decompose(cache: str, lam: float, tasks: tuple[str, ...] = datasets.TASKS) -> dict[str, dict[str, float]]:
-    model = load_encoder(os.path.join(cache, "base.safetensors"))
-    base, _ = load_state(os.path.join(cache, "base.safetensors"))
-    own = {t: load_state(os.path.join(cache, "tasks", f"{t}.safetensors"))[0] for t in tasks}
+def decompose(cache: str, lam: float, tasks: tuple[str, ...] = datasets.TASKS
+              ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Accuracy and mean prediction entropy of every configuration, per task."""
+    zoo = load_built(cache, tasks)
+    base, own = zoo.base, zoo.own
     merged = task_arithmetic(base, [own[t] for t in tasks], lam)
     unassigned = [k for k in base if not any(g(k) for g in GROUPS.values())]
     if unassigned:
         raise ValueError(f"tensors in no group: {unassigned}")
-    tests, heads = {}, {}
-    for t in tasks:
-        with np.load(os.path.join(cache, "data", f"{t}.npz")) as z:
-            tests[t] = (z["x_test"], z["y_test"])
-        heads[t] = load_head(os.path.join(cache, "heads", f"head_{t}.safetensors"))
     rows: dict[str, dict[str, float]] = {}
+    ents: dict[str, dict[str, float]] = {}
     for label, groups in CONFIGS:
         swapped = {k for k in base if any(GROUPS[g](k) for g in groups)}
-        rows[label] = {}
+        rows[label], ents[label] = {}, {}
         for t in tasks:
-            model.load_state_dict({k: own[t][k] if k in swapped else v for k, v in merged.items()})
-            weight, bias, _ = heads[t]
-            rows[label][t] = accuracy(model, weight, *tests[t], bias)
+            rows[label][t], ents[label][t] = zoo.score_and_entropy({k: own[t][k] if k in swapped else v for k, v in merged.items()}, t)
         print(f"{label:64s} {100 * np.mean(list(rows[label].values())):5.1f}", flush=True)
-    return rows
+    return rows, ents
 
 
-def render(rows: dict[str, dict[str, float]], tasks: list[str], lam: float, seconds: float) -> str:
+def render(rows: dict[str, dict[str, float]], ents: dict[str, dict[str, float]], tasks: list[str], lam: float,
+           seconds: float) -> str:
     mean = {k: float(np.mean(list(v.values()))) for k, v in rows.items()}
     ind = mean["individual (everything own)"]
     lines = [
@@ -113,6 +107,21 @@ def render(rows: dict[str, dict[str, float]], tasks: list[str], lam: float, seco
         f"- Adding the task's own attention reaches {100 * attn / ind:.1f}%; adding every other non-MLP group "
         f"instead reaches {100 * rest / ind:.1f}%. The task-specific change that MLP routing cannot "
         "reach sits in the group whose row closes the gap.",
+    ]
+    ta, mlp_label, ind_label = "task arithmetic", "own MLP (the WEMoE ceiling)", "individual (everything own)"
+    lines += [
+        "",
+        "Mean prediction entropy (nats) on the test images, the quantity WEMoE's router adaptation minimises:",
+        "",
+        "| weights | " + " | ".join(tasks) + " |",
+        "|---|" + "---|" * len(tasks),
+    ]
+    lines += [f"| {label} | " + " | ".join(f"{ents[label][t]:.2f}" for t in tasks) + " |" for label in (ta, mlp_label, ind_label)]
+    against = [t for t in tasks if rows[mlp_label][t] > rows[ta][t] and ents[mlp_label][t] > ents[ta][t]]
+    lines += [
+        "",
+        "- Tasks whose own MLPs raise accuracy but also raise entropy (entropy minimisation pulls their "
+        "routing away from their own expert): " + (", ".join(against) if against else "none") + ".",
         f"- Run time {seconds:.0f} s.",
     ]
     return "\n".join(lines) + "\n"
@@ -127,18 +136,15 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lam = default_lambda() if args.lam is None else args.lam
-    missing = [t for t in datasets.TASKS if not os.path.exists(os.path.join(args.cache, "tasks", f"{t}.safetensors"))]
-    if missing:
-        raise SystemExit(f"error: no built zoo at {args.cache} (missing {', '.join(missing)}): "
-                         "run `python -m benchmarks.zoo build` first")
+    require_built(args.cache)
     t0 = time.time()
-    rows = decompose(args.cache, lam)
+    rows, ents = decompose(args.cache, lam)
     seconds = time.time() - t0
     tasks = list(datasets.TASKS)
     with open(args.out + ".json", "w") as f:
-        json.dump({"tasks": tasks, "lambda": lam, "rows": rows, "seconds": round(seconds, 1)}, f, indent=1)
+        json.dump({"tasks": tasks, "lambda": lam, "rows": rows, "entropy": ents, "seconds": round(seconds, 1)}, f, indent=1)
     with open(args.out + ".md", "w") as f:
-        f.write(render(rows, tasks, lam, seconds))
+        f.write(render(rows, ents, tasks, lam, seconds))
     print(f"wrote {args.out}.md and .json")
 
 

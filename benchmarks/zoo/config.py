@@ -15,7 +15,9 @@ FULL: dict[str, Any] = {
     "data": {"n_train": 3000, "n_test": 600, "version": 1},
     "heads": {"logit_scale": 30.0, "per_class": 100},
     "finetune": {"steps": 400, "batch": 32, "lr": 5e-4, "warmup": 40, "weight_decay": 0.0,
-                 "max_shift": 2},
+                 "max_shift": 2, "replay_alpha": 1.0, "replay_batch": 8},
+    # pretraining-distribution images for the fine-tunes' feature-preserving term (replay.py)
+    "replay": {"n": 4000, "seed": 1},
 }
 QUICK: dict[str, Any] = copy.deepcopy(FULL)
 QUICK["data"].update({"n_train": 400, "n_test": 200})

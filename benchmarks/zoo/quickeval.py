@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from . import datasets
 from .build import DEFAULT_CACHE
-from .heads import accuracy, load_head
+from .heads import features, load_head, logits
 from .model import load_encoder, load_state
 
 LAMBDAS = tuple(round(0.1 * i, 1) for i in range(1, 11))
@@ -37,26 +38,61 @@ def task_vector_ratio(base: dict[str, torch.Tensor], tasks: list[dict[str, torch
     return [float(torch.sqrt(sum(((t[k] - v).float() ** 2).sum() for k, v in base.items())) / n0) for t in tasks]
 
 
-def evaluate(cache: str, tasks: tuple[str, ...] = datasets.TASKS, lambdas: tuple[float, ...] = LAMBDAS) -> dict[str, Any]:
-    base_model = load_encoder(os.path.join(cache, "base.safetensors"))
-    base_sd, _ = load_state(os.path.join(cache, "base.safetensors"))
-    task_sds = [load_state(os.path.join(cache, "tasks", f"{t}.safetensors"))[0] for t in tasks]
-    data, heads = {}, {}
+@dataclass
+class BuiltZoo:
+    """A built zoo in memory: base model (reused for every evaluation), state dicts, test data, heads."""
+
+    model: torch.nn.Module
+    base: dict[str, torch.Tensor]
+    own: dict[str, dict[str, torch.Tensor]]
+    tests: dict[str, tuple[np.ndarray, np.ndarray]]
+    heads: dict[str, tuple[torch.Tensor, torch.Tensor | None, dict[str, str]]]
+
+    def score(self, sd: dict[str, torch.Tensor], task: str) -> float:
+        """Test accuracy of the encoder ``sd`` on ``task`` with the task's own head."""
+        return self.score_and_entropy(sd, task)[0]
+
+    def score_and_entropy(self, sd: dict[str, torch.Tensor], task: str) -> tuple[float, float]:
+        """Test accuracy and mean prediction entropy (nats): the quantity WEMoE's routers minimise."""
+        self.model.load_state_dict(sd)
+        weight, bias, _ = self.heads[task]
+        x, y = self.tests[task]
+        out = logits(features(self.model, x), weight, bias)
+        p = out.softmax(-1)
+        ent = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+        return float((out.argmax(1) == torch.as_tensor(y)).float().mean()), float(ent)
+
+
+def require_built(cache: str) -> None:
+    """One-line refusal (SystemExit) when the zoo at ``cache`` has not been built."""
+    missing = [t for t in datasets.TASKS if not os.path.exists(os.path.join(cache, "tasks", f"{t}.safetensors"))]
+    if missing:
+        raise SystemExit(f"error: no built zoo at {cache} (missing {', '.join(missing)}): "
+                         "run `python -m benchmarks.zoo build` first")
+
+
+def load_built(cache: str, tasks: tuple[str, ...] = datasets.TASKS) -> BuiltZoo:
+    base_path = os.path.join(cache, "base.safetensors")
+    tests, heads = {}, {}
     for t in tasks:
         with np.load(os.path.join(cache, "data", f"{t}.npz")) as z:
-            data[t] = (z["x_test"], z["y_test"])
+            tests[t] = (z["x_test"], z["y_test"])
         heads[t] = load_head(os.path.join(cache, "heads", f"head_{t}.safetensors"))
+    return BuiltZoo(model=load_encoder(base_path), base=load_state(base_path)[0],
+                    own={t: load_state(os.path.join(cache, "tasks", f"{t}.safetensors"))[0] for t in tasks},
+                    tests=tests, heads=heads)
+
+
+def evaluate(cache: str, tasks: tuple[str, ...] = datasets.TASKS, lambdas: tuple[float, ...] = LAMBDAS) -> dict[str, Any]:
+    zoo = load_built(cache, tasks)
+    base_sd, task_sds = zoo.base, [zoo.own[t] for t in tasks]
 
     def score(sd: dict[str, torch.Tensor]) -> dict[str, float]:
-        base_model.load_state_dict(sd)
-        return {t: accuracy(base_model, heads[t][0], *data[t], heads[t][1]) for t in tasks}
+        return {t: zoo.score(sd, t) for t in tasks}
 
     rows: dict[str, dict[str, float]] = {}
     rows["pretrained"] = score(base_sd)
-    rows["individual"] = {}
-    for t, sd in zip(tasks, task_sds):
-        base_model.load_state_dict(sd)
-        rows["individual"][t] = accuracy(base_model, heads[t][0], *data[t], heads[t][1])
+    rows["individual"] = {t: zoo.score(zoo.own[t], t) for t in tasks}
     rows["average"] = score(average(task_sds))
     for lam in tqdm(lambdas, desc="task arithmetic"):
         rows[f"ta@{lam}"] = score(task_arithmetic(base_sd, task_sds, lam))

@@ -1,0 +1,58 @@
+"""Replay images from the base's own pretraining distribution, for feature-preserving fine-tunes.
+
+A tiny ViT has no spare capacity: a plainly fine-tuned task vector rewrites features that
+every other task's inputs also use, so adding a second task's vector costs the first task
+accuracy (ATTEMPTS.md, attempt 4: one foreign vector at lambda 0.3 cost 9-13 points). CLIP's
+fine-tunes stay local by sheer width. The zoo emulates that by keeping the encoder's outputs
+on pretraining images where they were (feature distillation on a reference set, as in
+LwF / ZSCL). The set is rendered from the recipe stored in the base checkpoint, so it never
+contains task data.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from . import pretrain
+
+CHUNK = 500
+
+
+def base_recipe(base_path: str) -> dict[str, Any]:
+    """Pretraining recipe recorded in the base checkpoint's metadata (else the committed recipe.json)."""
+    with safe_open(base_path, framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    if "recipe" in meta:
+        return json.loads(meta["recipe"])
+    with open(pretrain.RECIPE_PATH) as f:
+        return json.load(f)
+
+
+def render(recipe: dict[str, Any], n: int, seed: int) -> np.ndarray:
+    """``n`` uint8 images [n,32,32,3] drawn like pretraining batches (training fonts only)."""
+    bank = pretrain.build_bank(recipe)
+    train_idx = np.flatnonzero(~bank["held"])
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    parts = [pretrain._sample_batch(bank, train_idx, min(CHUNK, n - i), rng, g, recipe["data"])[0]
+             for i in range(0, n, CHUNK)]
+    return torch.cat(parts).numpy()
+
+
+def load_or_render(path: str, base_path: str, n: int, seed: int, h: str) -> np.ndarray:
+    """Cached replay set at ``path`` (rebuilt when the hash ``h`` changes); atomic write."""
+    if os.path.exists(path):
+        with np.load(path) as z:
+            if str(z["recipe_hash"]) == h:
+                return z["x"]
+    x = render(base_recipe(base_path), n, seed)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, recipe_hash=np.array(h), x=x)
+    os.replace(tmp, path)
+    return x
