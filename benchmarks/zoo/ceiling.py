@@ -8,7 +8,7 @@ individual model. A group whose own-task values close the gap is where the task-
 knowledge lives; if it is not the MLPs, no MLP-only router can reach the individual models.
 Diagnostic only: it reads each task's label to pick the weights.
 
-Run: ``python -m benchmarks.zoo.ceiling [--cache DIR] [--lam 0.05]`` (the zoo cache must
+Run: ``python -m benchmarks.zoo.ceiling [--cache DIR] [--lam 0.3]`` (the zoo cache must
 exist: ``python -m benchmarks.zoo build``). Writes ``benchmarks/results/zoo_ceiling.{md,json}``.
 """
 from __future__ import annotations

@@ -130,6 +130,7 @@ def main() -> None:
     ap.add_argument("--lambdas", default=",".join(map(str, LAMBDAS)), help="comma-separated task-arithmetic grid")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    require_built(args.cache)
     res = evaluate(args.cache, lambdas=tuple(float(v) for v in args.lambdas.split(",")))
     print(table(res))
     if args.json:
