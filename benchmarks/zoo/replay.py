@@ -2,8 +2,8 @@
 
 A tiny ViT has no spare capacity: a plainly fine-tuned task vector rewrites features that
 every other task's inputs also use, so adding a second task's vector costs the first task
-accuracy (ATTEMPTS.md, attempt 4: one foreign vector at lambda 0.3 cost 9-13 points). CLIP's
-fine-tunes stay local by sheer width. The zoo emulates that by keeping the encoder's outputs
+accuracy (ATTEMPTS.md, attempt 4: at lambda 0.3 the worst vectors cost the other tasks 10-14
+points on average). CLIP's fine-tunes stay local by sheer width. The zoo emulates that by keeping the encoder's outputs
 on pretraining images where they were (feature distillation on a reference set, as in
 LwF / ZSCL). The set is rendered from the recipe stored in the base checkpoint, so it never
 contains task data.
