@@ -88,7 +88,7 @@ def test_broad_pretraining_kinds_are_not_task_classes() -> None:
 
 def test_broad_batch_mixes_kinds_with_offset_labels() -> None:
     from benchmarks.zoo import broad
-    from benchmarks.zoo.pretrain import BROAD_DEFAULT, _sample_batch
+    from benchmarks.zoo.pretrain import BROAD_DEFAULT, sample_batch
 
     n_glyph_classes = 5
     rng = np.random.default_rng(0)
@@ -98,7 +98,7 @@ def test_broad_batch_mixes_kinds_with_offset_labels() -> None:
             "shape_masks": sm, "shape_labels": sk + n_glyph_classes, "texture_masks": tm,
             "texture_labels": tk + n_glyph_classes + len(broad.BROAD_SHAPES)}
     d = {"rotate": 12.0, "scale": [0.7, 1.1], "shift": 0.12, "clutter": 0.5, "broad": dict(BROAD_DEFAULT)}
-    x, y = _sample_batch(bank, np.arange(20), 64, rng, torch.Generator().manual_seed(0), d)
+    x, y = sample_batch(bank, np.arange(20), 64, rng, torch.Generator().manual_seed(0), d)
     assert x.shape == (64, 32, 32, 3) and x.dtype == torch.uint8
     n_shape = n_tex = round(64 * BROAD_DEFAULT["shape_frac"])
     assert (y < n_glyph_classes).sum() == 64 - n_shape - n_tex

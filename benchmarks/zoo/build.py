@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -55,19 +56,24 @@ def hashes(rec: dict[str, Any], base_digest: str, task: str) -> dict[str, str]:
     return {"data": data, "head": head, "ft": ft}
 
 
-def load_data(task: str, cache: str, rec: dict[str, Any], h: str) -> datasets.Split:
-    path = os.path.join(cache, "data", f"{task}.npz")
+def cached_npz(path: str, h: str, make: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The arrays stored at ``path`` if they were built from hash ``h``; else ``make()``, saved atomically."""
     if os.path.exists(path):
         with np.load(path) as z:
             if str(z["recipe_hash"]) == h:
                 return {k: z[k] for k in z.files if k != "recipe_hash"}
-    d = rec["data"]
-    data = datasets.build_task(task, d["n_train"], d["n_test"], rec["seed"])
+    arrays = make()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp.npz"
-    np.savez(tmp, recipe_hash=np.array(h), **data)
+    np.savez(tmp, recipe_hash=np.array(h), **arrays)
     os.replace(tmp, path)
-    return data
+    return arrays
+
+
+def load_data(task: str, cache: str, rec: dict[str, Any], h: str) -> datasets.Split:
+    d = rec["data"]
+    return cached_npz(os.path.join(cache, "data", f"{task}.npz"), h,
+                      lambda: datasets.build_task(task, d["n_train"], d["n_test"], rec["seed"]))
 
 
 def _finetune_job(job: dict[str, Any]) -> str:
@@ -139,7 +145,8 @@ def build(cache: str, quick: bool = False, tasks: tuple[str, ...] = datasets.TAS
                             "hash": h["ft"], "threads": 1 if jobs > 1 else threads, "progress": jobs <= 1})
     if pending:
         r = rec["replay"]
-        replay.load_or_render(replay_path, cached_base, r["n"], r["seed"], config.digest("replay", base_digest, r))
+        cached_npz(replay_path, config.digest("replay", base_digest, r),
+                   lambda: {"x": replay.render(replay.base_recipe(cached_base), r["n"], r["seed"])})
     _run_finetunes(pending, min(jobs, len(pending)))
     for task in tasks:
         data = datas[task]

@@ -37,16 +37,21 @@ GROUPS: dict[str, Callable[[str], bool]] = {
     "embeddings": lambda k: k in ("conv1.weight", "positional_embedding", "class_embedding"),
     "projection": lambda k: k == "proj",
 }
+TA_ROW = "task arithmetic"
+MLP_ROW = "own MLP (the WEMoE ceiling)"
+NON_ATTN_ROW = "own MLP + norms + embeddings + projection (all but attention)"
+ATTN_ROW = "own MLP + own attention"
+IND_ROW = "individual (everything own)"
 # (row label, groups taken from the task's own fine-tuned model; the rest is task arithmetic)
 CONFIGS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("task arithmetic", ()),
-    ("own MLP (the WEMoE ceiling)", ("mlp",)),
+    (TA_ROW, ()),
+    (MLP_ROW, ("mlp",)),
     ("own MLP + own norms", ("mlp", "norms")),
     ("own MLP + own embeddings", ("mlp", "embeddings")),
     ("own MLP + own projection", ("mlp", "projection")),
-    ("own MLP + norms + embeddings + projection (all but attention)", ("mlp", "norms", "embeddings", "projection")),
-    ("own MLP + own attention", ("mlp", "attention")),
-    ("individual (everything own)", tuple(GROUPS)),
+    (NON_ATTN_ROW, ("mlp", "norms", "embeddings", "projection")),
+    (ATTN_ROW, ("mlp", "attention")),
+    (IND_ROW, tuple(GROUPS)),
 )
 
 
@@ -82,7 +87,7 @@ def decompose(cache: str, lam: float, tasks: tuple[str, ...] = datasets.TASKS
 def render(rows: dict[str, dict[str, float]], ents: dict[str, dict[str, float]], tasks: list[str], lam: float,
            seconds: float) -> str:
     mean = {k: float(np.mean(list(v.values()))) for k, v in rows.items()}
-    ind = mean["individual (everything own)"]
+    ind = mean[IND_ROW]
     lines = [
         "# Where the WEMoE ceiling goes on the embedded zoo",
         "",
@@ -97,9 +102,7 @@ def render(rows: dict[str, dict[str, float]], ents: dict[str, dict[str, float]],
     for label, row in rows.items():
         lines.append(f"| {label} | " + " | ".join(f"{100 * row[t]:.1f}" for t in tasks)
                      + f" | **{100 * mean[label]:.1f}** | {100 * mean[label] / ind:.1f}% |")
-    mlp = mean["own MLP (the WEMoE ceiling)"]
-    attn = mean["own MLP + own attention"]
-    rest = mean["own MLP + norms + embeddings + projection (all but attention)"]
+    mlp, attn, rest = mean[MLP_ROW], mean[ATTN_ROW], mean[NON_ATTN_ROW]
     lines += [
         "",
         f"- Own MLPs alone reach {100 * mlp / ind:.1f}% of the individual models: this is the most any "
@@ -108,7 +111,6 @@ def render(rows: dict[str, dict[str, float]], ents: dict[str, dict[str, float]],
         f"instead reaches {100 * rest / ind:.1f}%. The task-specific change that MLP routing cannot "
         "reach sits in the group whose row closes the gap.",
     ]
-    ta, mlp_label, ind_label = "task arithmetic", "own MLP (the WEMoE ceiling)", "individual (everything own)"
     lines += [
         "",
         "Mean prediction entropy (nats) on the test images, the quantity WEMoE's router adaptation minimises:",
@@ -116,8 +118,8 @@ def render(rows: dict[str, dict[str, float]], ents: dict[str, dict[str, float]],
         "| weights | " + " | ".join(tasks) + " |",
         "|---|" + "---|" * len(tasks),
     ]
-    lines += [f"| {label} | " + " | ".join(f"{ents[label][t]:.2f}" for t in tasks) + " |" for label in (ta, mlp_label, ind_label)]
-    against = [t for t in tasks if rows[mlp_label][t] > rows[ta][t] and ents[mlp_label][t] > ents[ta][t]]
+    lines += [f"| {label} | " + " | ".join(f"{ents[label][t]:.2f}" for t in tasks) + " |" for label in (TA_ROW, MLP_ROW, IND_ROW)]
+    against = [t for t in tasks if rows[MLP_ROW][t] > rows[TA_ROW][t] and ents[MLP_ROW][t] > ents[TA_ROW][t]]
     lines += [
         "",
         "- Tasks whose own MLPs raise accuracy but also raise entropy (entropy minimisation pulls their "

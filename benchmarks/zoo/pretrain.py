@@ -107,7 +107,7 @@ def _sample(bank: dict[str, np.ndarray], idx: np.ndarray, g: torch.Generator, d:
     return compose.compose(m, g, rotate=d["rotate"], scale=tuple(d["scale"]), shift=d["shift"], clutter=d["clutter"])
 
 
-def _sample_batch(bank: dict[str, np.ndarray], train_idx: np.ndarray, batch: int, rng: np.random.Generator,
+def sample_batch(bank: dict[str, np.ndarray], train_idx: np.ndarray, batch: int, rng: np.random.Generator,
                   g: torch.Generator, d: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """One training batch (uint8 images, labels): glyphs, plus the broad kinds when the recipe has them."""
     b = d.get("broad")
@@ -181,7 +181,7 @@ def pretrain(recipe: dict[str, Any], out: str = BASE_PATH, log_every: int = 50,
     for step in range(t.get("stop_after", t["steps"])):
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, t)
-        x, y = _sample_batch(bank, train_idx, t["batch"], rng, g, d)
+        x, y = sample_batch(bank, train_idx, t["batch"], rng, g, d)
         x = preprocess(x)
         logits = head(model(x))
         loss = F.cross_entropy(logits, y, label_smoothing=t["label_smoothing"])

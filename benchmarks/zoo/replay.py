@@ -11,7 +11,6 @@ contains task data.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import numpy as np
@@ -39,20 +38,6 @@ def render(recipe: dict[str, Any], n: int, seed: int) -> np.ndarray:
     train_idx = np.flatnonzero(~bank["held"])
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
-    parts = [pretrain._sample_batch(bank, train_idx, min(CHUNK, n - i), rng, g, recipe["data"])[0]
+    parts = [pretrain.sample_batch(bank, train_idx, min(CHUNK, n - i), rng, g, recipe["data"])[0]
              for i in range(0, n, CHUNK)]
     return torch.cat(parts).numpy()
-
-
-def load_or_render(path: str, base_path: str, n: int, seed: int, h: str) -> np.ndarray:
-    """Cached replay set at ``path`` (rebuilt when the hash ``h`` changes); atomic write."""
-    if os.path.exists(path):
-        with np.load(path) as z:
-            if str(z["recipe_hash"]) == h:
-                return z["x"]
-    x = render(base_recipe(base_path), n, seed)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, recipe_hash=np.array(h), x=x)
-    os.replace(tmp, path)
-    return x
