@@ -114,9 +114,11 @@ def pick_lambda(zoo: Zoo, work: Path, method: str, grid, val_limit: int, log) ->
 def run(quick: bool, results_dir: Path, steps: int | None, cache: Path | None) -> dict:
     from benchmarks.zoo import build as zoo_build
     from benchmarks.zoo import datasets as zoo_data
+    from benchmarks.zoo import requirements
 
+    requirements.ensure()  # Debian's Fashion-MNIST and fonts: installed as root, else one line saying how
     started = time.perf_counter()
-    log = lambda m: print(m, flush=True)  # noqa: E731
+    log = lambda m: print(m, flush=True)
     cache = cache or Path(zoo_build.QUICK_CACHE if quick else zoo_build.DEFAULT_CACHE)
     log(f"[1/4] zoo: {cache}")
     zoo_build.build(str(cache), quick=quick)

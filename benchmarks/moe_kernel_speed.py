@@ -19,28 +19,48 @@ import torch
 import torch.nn.functional as F
 
 from wemoe.model.activations import get_activation
-from wemoe.model.moe import DEFAULT_CHUNK_SIZE, DEFAULT_TILE_ROWS, WeightEnsemblingMLP
-from wemoe.model.moe_reference import naive_moe_forward
+from wemoe.model.kernels import DEFAULT_CHUNK_SIZE, DEFAULT_TILE_ROWS
+from wemoe.model.moe_reference import linear_reference
+from wemoe.model.routed import RoutedLinear, routed_linear_factory
+from wemoe.model.router import Router
+from wemoe.model.vit import Mlp
+
+
+class MoEMlp(torch.nn.Module):
+    """A routed MLP driven by its own router: the MLP half of a WEMoE block."""
+
+    def __init__(self, mlp: Mlp, router: Router):
+        super().__init__()
+        self.mlp, self.router = mlp, router
+
+    def forward(self, x):
+        return self.mlp(x, self.router(x))
+
+    def set_sizes(self, chunk, tile):
+        for layer in (self.mlp.fc1, self.mlp.fc2):
+            layer.experts.chunk_size, layer.experts.tile_rows = chunk, tile
+
+    def reference(self, x):
+        c = self.router(x)
+        return linear_reference(self.mlp.fc2, self.mlp._act(linear_reference(self.mlp.fc1, x, c)), c)
 
 
 def build(layers, D, H, T, act, seed=0):
     g = torch.Generator().manual_seed(seed)
     plain, moes = [], []
     for _ in range(layers):
-        w1 = torch.randn(H, D, generator=g) * 0.02
-        b1 = torch.randn(H, generator=g) * 0.02
-        w2 = torch.randn(D, H, generator=g) * 0.02
-        b2 = torch.randn(D, generator=g) * 0.02
-        plain.append([w1.clone(), b1.clone(), w2.clone(), b2.clone()])
-        m = WeightEnsemblingMLP(
-            w1, b1, w2, b2,
-            torch.randn(T, H, D, generator=g) * 0.002,
-            torch.randn(T, H, generator=g) * 0.002,
-            torch.randn(T, D, H, generator=g) * 0.002,
-            torch.randn(T, D, generator=g) * 0.002,
-            act,
-        )
-        moes.append(m)
+        mlp = Mlp(D, H, act, linear=routed_linear_factory(T, None))
+        tensors = []
+        for layer in (mlp.fc1, mlp.fc2):
+            assert isinstance(layer, RoutedLinear)
+            with torch.no_grad():
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 0.02)
+                layer.bias.copy_(torch.randn(layer.bias.shape, generator=g) * 0.02)
+                layer.experts.stack.copy_(torch.randn(layer.experts.stack.shape, generator=g) * 0.002)
+                layer.experts.bias.copy_(torch.randn(layer.experts.bias.shape, generator=g) * 0.002)
+            tensors += [layer.weight.clone(), layer.bias.clone()]
+        plain.append(tensors)
+        moes.append(MoEMlp(mlp, Router(D, T)))
     return plain, moes
 
 
@@ -88,7 +108,7 @@ def main(argv=None):
     act = get_activation(act_name)
     plain, moes = build(L, D, H, T, act_name)
     for m in moes:
-        m.chunk_size, m.tile_rows = a.chunk, a.tile
+        m.set_sizes(a.chunk, a.tile)
     scale = 12 / L
     x = torch.randn(B, N, D, generator=torch.Generator().manual_seed(1))
     print(
@@ -106,8 +126,8 @@ def main(argv=None):
 
         # ---- naive loop on a few samples + correctness on those samples ----
         xs = x[: a.naive_samples]
-        t_naive = timed(lambda: [naive_moe_forward(m, xs) for m in moes])
-        ref = naive_moe_forward(moes[0], xs)
+        t_naive = timed(lambda: [m.reference(xs) for m in moes])
+        ref = moes[0].reference(xs)
         got = moes[0](xs)
         rel = ((got - ref).abs().max() / ref.abs().max()).item()
     t_naive_full = t_naive * B / a.naive_samples
@@ -140,7 +160,7 @@ def main(argv=None):
     )
 
     if a.compare_intra_op:
-        from wemoe.model import moe as moe_module
+        from wemoe.model import kernels as moe_module
 
         with torch.no_grad():
             tp, tm = 1e9, 1e9
@@ -158,7 +178,7 @@ def main(argv=None):
         with torch.no_grad():
             for chunk, tile in [(4, 256), (8, 64), (8, 128), (8, 256), (16, 64), (16, 128), (32, 64), (64, 32)]:
                 for m in moes:
-                    m.chunk_size, m.tile_rows = chunk, tile
+                    m.set_sizes(chunk, tile)
                 tp = min(timed(lambda: plain_stack(plain, act, x)) for _ in range(2))
                 tm = min(timed(lambda: moe_stack(moes, x)) for _ in range(2))
                 print(f"  chunk={chunk:3d} tile_rows={tile:4d}: {tm / tp:.2f}x")

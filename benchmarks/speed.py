@@ -145,7 +145,7 @@ def _time(fn, repeat: int = 2) -> float:
 
 def child_inference(model_dir: str, base: str, batch: int, naive_samples: int, threads: int) -> dict:
     torch, moe, plain = _setup(model_dir, base, threads)
-    from wemoe.model.moe_reference import naive_moe_forward
+    from wemoe.model.moe_reference import reference_forward
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, moe.arch.image_size, moe.arch.image_size, generator=g)
@@ -155,15 +155,7 @@ def child_inference(model_dir: str, base: str, batch: int, naive_samples: int, t
         y = moe(x)
 
         def naive(xs, merge):
-            outs = []
-            for i in range(xs.shape[0]):
-                h = moe.tokens(xs[i : i + 1])
-                for b, blk in enumerate(moe.blocks):
-                    h = h + blk.attn(blk.norm1(h))
-                    z = blk.norm2(h)
-                    h = h + (naive_moe_forward(blk.mlp, z, merge=merge) if b in moe.moe_blocks else blk.mlp(z))
-                outs.append(moe.head(moe.norm(h[:, 0])))
-            return torch.cat(outs)
+            return reference_forward(moe, xs, merge)
 
         xs = x[:naive_samples]
         scaled, rels = {}, []
@@ -228,7 +220,7 @@ def report_md(r: dict) -> str:
     fwd_loop = b["naive_loop_s_scaled"] / b["wemoe_s"]
     fwd_plain = b["wemoe_s"] / b["plain_s"]
     step = c["wemoe_step_s"] / c["plain_fwd_bwd_s"]
-    ok = lambda cond: "meets goal" if cond else "**misses goal**"  # noqa: E731
+    ok = lambda cond: "meets goal" if cond else "**misses goal**"
     lines = [
         f"# Speed and memory: {r['arch']}, {r['experts']} experts, batch {r['batch']} ({r['device']}, {r['threads']} threads)",
         "",

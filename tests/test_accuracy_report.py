@@ -6,8 +6,8 @@ import copy
 import pytest
 
 pytest.importorskip("matplotlib")
-from benchmarks.accuracy import markdown  # noqa: E402
-from benchmarks.zoo import config  # noqa: E402
+from benchmarks.accuracy import markdown
+from benchmarks.zoo import config
 
 
 def report(zoo: dict | None) -> dict:

@@ -28,7 +28,7 @@ def build_small_zoo(tmp: Path) -> Path:
     from benchmarks.zoo import datasets as zoo_ds
     from benchmarks.zoo.finetune import finetune
     from benchmarks.zoo.heads import balanced_subset, fit_prototypes, save_head
-    from benchmarks.zoo.model import load_encoder, save_encoder, load_state
+    from benchmarks.zoo.model import load_encoder, load_state, save_encoder
 
     torch.manual_seed(0)
     base = load_encoder(str(BASE))

@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import assert_one_line_error, run_cli
-from factories import zoo
 
 from wemoe.io.output import TMP_MARK
 from wemoe.io.safetensors_io import SafetensorsWriter
+
+from cli_helpers import assert_one_line_error, run_cli
+from factories import zoo
 
 ROOT = Path(__file__).resolve().parents[1]
 

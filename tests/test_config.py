@@ -6,9 +6,10 @@ import numpy as np
 import torch
 import yaml
 
+from wemoe.io.safetensors_io import save_tensors
+
 from cli_helpers import assert_one_line_error, run_cli
 from factories import zoo
-from wemoe.io.safetensors_io import save_tensors
 
 
 def test_yaml_config_for_merge_and_eval_with_overrides(tmp_path, capsys):

@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from wemoe.io.safetensors_io import save_tensors
+
 from cli_helpers import assert_one_line_error, run_cli
 from factories import open_clip_vit, write
-from wemoe.io.safetensors_io import save_tensors
 
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)

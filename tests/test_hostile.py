@@ -20,12 +20,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from cli_helpers import assert_one_line_error, run_cli
-from factories import DEPTH, EMBED, HEADS, IMAGE, PATCH, WIDTH, write, zoo
 
 from wemoe.cli import main
 from wemoe.errors import WemoeError
 from wemoe.io.safetensors_io import save_tensors
+
+from cli_helpers import assert_one_line_error, run_cli
+from factories import DEPTH, EMBED, HEADS, IMAGE, PATCH, WIDTH, write, zoo
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 CLASSES = 4

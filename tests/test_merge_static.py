@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
+from wemoe.io.safetensors_io import load_tensors
+
 from cli_helpers import run_cli
 from factories import ARCH, open_clip_vit, timm_vit, zoo
-from wemoe.io.safetensors_io import load_tensors
 
 
 def reference_ties(base, tasks, lam, k):

@@ -3,10 +3,11 @@ weights, converts back exactly, and our encoder matches timm and open_clip."""
 
 import torch
 
-from factories import ARCH, hf_config, hf_state_from_open_clip, open_clip_vit, timm_vit, write
 from wemoe.checkpoint import open_checkpoint
 from wemoe.model.vit import build_vit
 from wemoe.schemes import SCHEMES, detect_scheme
+
+from factories import ARCH, hf_config, hf_state_from_open_clip, open_clip_vit, timm_vit, write
 
 
 def _canonical(path, arch=ARCH):
@@ -86,6 +87,7 @@ def test_architecture_inference_and_known_names(tmp_path):
     assert (a.width, a.depth, a.heads, a.patch_size, a.image_size, a.mlp_width, a.embed_dim) == (64, 2, 1, 8, 32, 256, 16)
     assert "inferred" in a.source
     import pytest
+
     from wemoe.errors import WemoeError
 
     with pytest.raises(WemoeError, match="width=768"):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("torch")
-from benchmarks.speed import machine_description, report_md, shortfall_notes  # noqa: E402
+from benchmarks.speed import machine_description, report_md, shortfall_notes
 
 RESULT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "speed.json"
 

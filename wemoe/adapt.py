@@ -1,4 +1,4 @@
-"""Test-time adaptation of the routers: the only training WEMoE does.
+"""Test-time adaptation: the only training WEMoE (its routers) and AdaMerging (its coefficients) do.
 
 Loss = sum over tasks of the mean Shannon entropy of that task's predictions
 (its own frozen head) on a batch of its UNLABELED images. Backbone, experts and
@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
+from wemoe.arch import ViTArch
 from wemoe.data import TaskData, preprocess
 from wemoe.heads import Head
 from wemoe.model.wemoe_model import WEMoEModel
@@ -45,19 +47,27 @@ def _sampler(n: int, batch_size: int, rng: np.random.Generator):
         yield rng.choice(n, size=batch_size, replace=batch_size > n)
 
 
-def adapt_routers(
-    model: WEMoEModel,
+def adapt_parameters(
+    model: nn.Module,
+    params: list[nn.Parameter],
     heads: dict[str, Head],
     data: dict[str, TaskData],
-    steps: int = 1000,
-    lr: float = 1e-4,
+    arch: ViTArch,
+    steps: int,
+    lr: float,
     batch_size: int = 16,
     cosine: bool = False,
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
+    desc: str = "adapting",
 ) -> AdaptResult:
-    params = model.router_parameters()
+    """Train ``params`` (and nothing else of ``model``) to minimise prediction entropy.
+
+    Each step draws ``batch_size`` images of every task (in ``data``'s order, from one
+    seeded generator) and back-propagates each task's loss on its own, so only one
+    task's activations are held at a time.
+    """
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -67,10 +77,9 @@ def adapt_routers(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))) if cosine else None
     rng = np.random.default_rng(seed)
     samplers = {t: _sampler(len(d), batch_size, rng) for t, d in data.items()}
-    arch = model.arch
     result = AdaptResult(steps=steps, final_loss=None, initial_loss=None)
     started = time.perf_counter()
-    with tqdm(range(steps), desc="adapting routers", unit="step", disable=not progress) as bar:
+    with tqdm(range(steps), desc=desc, unit="step", disable=not progress) as bar:
         for _ in bar:
             opt.zero_grad(set_to_none=True)
             total = 0.0
@@ -90,6 +99,24 @@ def adapt_routers(
         p.requires_grad_(False)
     result.final_loss = result.losses[-1] if result.losses else None
     result.seconds = time.perf_counter() - started
+    return result
+
+
+def adapt_routers(
+    model: WEMoEModel,
+    heads: dict[str, Head],
+    data: dict[str, TaskData],
+    steps: int = 1000,
+    lr: float = 1e-4,
+    batch_size: int = 16,
+    cosine: bool = False,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> AdaptResult:
+    """WEMoE's test-time adaptation: only the routers train; then a check for collapse."""
+    result = adapt_parameters(model, model.router_parameters(), heads, data, model.arch, steps, lr, batch_size, cosine,
+                              seed, device, progress, desc="adapting routers")
     result.diagnostics, result.warnings = collapse_check(model, heads, data, device, seed)
     return result
 

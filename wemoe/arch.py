@@ -43,13 +43,19 @@ class ViTArch:
     def output_dim(self) -> int:
         return self.embed_dim if self.embed_dim is not None else self.width
 
+    def summary(self) -> str:
+        """One line for plans, ``inspect`` and logs."""
+        embed = f" embed {self.embed_dim}" if self.embed_dim is not None else ""
+        return (f"width {self.width} depth {self.depth} heads {self.heads} patch {self.patch_size} image {self.image_size} "
+                f"mlp {self.mlp_width}{embed} activation {self.activation}")
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "json") -> "ViTArch":
+    def from_dict(cls, d: dict[str, Any], source: str = "json") -> ViTArch:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
@@ -100,9 +106,6 @@ def arch_from_name_or_file(spec: str) -> dict[str, Any]:
             raise WemoeError("architecture JSON must be an object", path=path)
         return dict(data, source=f"--arch {path.name}")
     raise WemoeError(f"unknown architecture '{spec}' (known: {', '.join(sorted(KNOWN_ARCHS))}, or a JSON file)")
-
-
-HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 def arch_from_hf_config(config: dict[str, Any]) -> dict[str, Any]:

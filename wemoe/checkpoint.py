@@ -7,9 +7,10 @@ architecture). Tensors are converted lazily, one at a time, so merges stream.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 

@@ -1,5 +1,10 @@
 """The ``wemoe`` command line: merge, eval, inspect, routes, export.
 
+A thin layer over the library: ``merge`` builds the same typed configuration as
+``wemoe.merge`` and runs it. Its ``--method`` choices and method flags are
+generated from the method registry each time the CLI is built, so a registered
+method appears without touching this file.
+
 Errors the user can fix are one line on stderr with a non-zero exit (2 for
 usage errors); ``--debug`` shows the traceback instead.
 """
@@ -7,78 +12,99 @@ usage errors); ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
-from wemoe.errors import WemoeError
+from wemoe.errors import UsageError, WemoeError
 from wemoe.memory import return_freed_memory_to_os
-from wemoe.options import GREEDY_OPTIONS, apply_config, device_option, expand_greedy, verbosity_options
+from wemoe.options import GREEDY_OPTIONS, device_option, expand_greedy, verbosity_options
+from wemoe.runtime import DTYPES
+
+MERGE_COMMON = ("config_path", "base", "tasks", "method", "out", "arch", "dtype", "shard_size", "seed", "force", "dry_run",
+                "heads", "data", "device", "quiet", "verbose")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-@click.version_option(package_name="wemoe", message="wemoe %(version)s")
-@click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
-    """Merge task-finetuned vision transformers into one model (WEMoE and static baselines)."""
-    ctx.ensure_object(dict)
-    ctx.obj["debug"] = debug
+def _method_options() -> list[click.Option]:
+    """One flag per parameter key of any registered method; help says which methods take it."""
+    from wemoe.methods import all_params, method_names
+
+    every = set(method_names())
+    options = []
+    for key, owners in all_params().items():
+        info = owners[0][1]
+        defaults = "; ".join(f"{m}: {i.default}" for m, i in owners)
+        scope = "" if {m for m, _ in owners} == every else f" ({', '.join(m for m, _ in owners)})"
+        help_text = f"{info.help}{scope} [{defaults}]"
+        if info.type is bool:
+            options.append(click.Option([f"{info.flag}/--no-{info.flag[2:]}", key], default=None, help=help_text))
+        else:
+            metavar = "|".join(info.choices) if info.choices else None
+            options.append(click.Option([info.flag, key], type=info.type, default=None, metavar=metavar, help=help_text))
+    return options
 
 
-@cli.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file naming base, tasks and parameters; flags override it.")
-@click.option("--base", help="Pretrained checkpoint (file or directory).")
-@click.option("--tasks", multiple=True, metavar="[NAME=]PATH ...", help="Fine-tuned checkpoints, one or more after the flag.")
-@click.option("--method", type=click.Choice(["average", "task-arithmetic", "ties", "wemoe"]), default=None, help="Merge method [default: task-arithmetic].")
-@click.option("--out", type=click.Path(), help="Output directory.")
-@click.option("--lambda", "lam", type=float, default=None, help="Scaling of task vectors [0.3; ties: 1.0].")
-@click.option("--ties-k", type=float, default=None, help="TIES: percent of task-vector entries kept per tensor [20].")
-@click.option("--arch", help="Architecture name (e.g. ViT-B-32-quickgelu) or JSON file; overrides what files say.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Output dtype [the base's].")
-@click.option("--shard-size", default="4GB", show_default=True, help="Split model files past this size.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--force", is_flag=True, help="Replace an existing output directory.")
-@click.option("--dry-run", is_flag=True, help="Validate the inputs and print the plan; write nothing.")
-@click.option("--heads", multiple=True, metavar="[NAME=]PATH ...", help="wemoe: classification head per task.")
-@click.option("--data", multiple=True, metavar="[NAME=]PATH ...", help="wemoe: unlabeled images per task for router adaptation.")
-@click.option("--steps", type=int, default=None, help="wemoe: adaptation steps [1000].")
-@click.option("--lr", type=float, default=None, help="wemoe: router learning rate [1e-4].")
-@click.option("--batch-size", type=int, default=None, help="wemoe: images per task per step [16].")
-@click.option("--cosine/--no-cosine", default=None, help="wemoe: cosine learning-rate decay [off].")
-@click.option("--moe-blocks", default=None, help="wemoe: blocks whose MLP becomes MoE: all, last:N, or 0,3,5 [all].")
-@click.option("--router-layers", type=click.IntRange(0, 2), default=None, help="wemoe: router depth 0, 1 or 2 [2].")
-@click.option("--coef-range", default=None, help="wemoe: clamp routing coefficients to LO,HI, or 'none' [0,1: guards against entropy collapse, see benchmarks/results].")
-@click.option("--split", default=None, help="wemoe: split of --data used for adaptation [test].")
-@device_option
-@verbosity_options
-def merge(**opts) -> None:
-    """Merge a base and task checkpoints into one model directory."""
-    opts = apply_config(opts, "merge")
-    from wemoe.commands.merge import run_merge
+def _merge_command() -> click.Command:
+    from wemoe.methods import method_names
 
-    run_merge(opts)
+    @click.pass_context
+    def callback(ctx: click.Context, **opts: Any) -> None:
+        from wemoe.config import merge_config
+        from wemoe.merging.job import run_merge
+
+        given = {k: (v if v != () else None) for k, v in opts.items()}
+        config_path = given.pop("config_path")
+        try:
+            run_merge(merge_config(config_path, **given))
+        except UsageError as exc:
+            raise click.UsageError(str(exc), ctx=ctx) from None
+
+    names = method_names()
+    params: list[click.Parameter] = [
+        click.Option(["--config", "config_path"], type=click.Path(dir_okay=False), help="YAML file naming base, tasks and parameters; flags override it."),
+        click.Option(["--base"], help="Pretrained checkpoint (file or directory)."),
+        click.Option(["--tasks"], multiple=True, metavar="[NAME=]PATH ...", help="Fine-tuned checkpoints, one or more after the flag."),
+        click.Option(["--method"], type=click.Choice(names), default=None, help="Merge method [default: task-arithmetic]."),
+        click.Option(["--out"], type=click.Path(), help="Output directory."),
+        click.Option(["--heads"], multiple=True, metavar="[NAME=]PATH ...", help="Classification head per task (stored with the output; needed to adapt)."),
+        click.Option(["--data"], multiple=True, metavar="[NAME=]PATH ...", help="Unlabeled images per task, for methods that adapt."),
+        click.Option(["--arch"], help="Architecture name (e.g. ViT-B-32-quickgelu) or JSON file; overrides what files say."),
+        click.Option(["--dtype"], type=click.Choice(list(DTYPES)), default=None, help="Output dtype [the base's; wemoe: float32]."),
+        click.Option(["--shard-size"], default=None, help="Split model files past this size [4GB]."),
+        click.Option(["--seed"], type=int, default=None, help="Random seed [0]."),
+        click.Option(["--force"], is_flag=True, help="Replace an existing output directory."),
+        click.Option(["--dry-run"], is_flag=True, help="Validate the inputs and print the plan; write nothing."),
+        *_method_options(),
+    ]
+    cmd = click.Command("merge", callback=callback, params=params,
+                        help="Merge a base and task checkpoints into one model directory.\n\nMethods: "
+                        + "; ".join(f"{n}" for n in names) + ".")
+    return verbosity_options(device_option(cmd))
 
 
-@cli.command(name="eval")
+@click.command(name="eval")
 @click.argument("model", required=False)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file naming model and tasks; flags override it.")
-@click.option("--task", "tasks", multiple=True, metavar="NAME=HEAD:DATA ...", help="Task to evaluate (repeatable); HEAD may be empty for merge outputs that store heads.")
+@click.option("--task", "tasks", multiple=True, metavar="NAME=HEAD:DATA ...", help="Task to evaluate (repeatable); HEAD may be empty for outputs that store heads.")
 @click.option("--split", default="test", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per forward pass [64].")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N images per task.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write results as JSON.")
 @click.option("--arch", help="Architecture name or JSON file for a plain checkpoint.")
 @device_option
 @verbosity_options
-def eval_cmd(**opts) -> None:
+def eval_cmd(**opts: Any) -> None:
     """Per-task accuracy of a checkpoint or merge output, each task with its own head."""
-    opts = apply_config(opts, "eval")
     from wemoe.commands.evaluate import run_eval
+    from wemoe.config import eval_options_from_yaml
 
+    path = opts.pop("config_path", None)
+    if path:
+        opts = eval_options_from_yaml(opts, path)
     run_eval(opts)
 
 
-@cli.command()
+@click.command()
 @click.argument("path")
 @click.option("--arch", help="Architecture name or JSON file.")
 def inspect(path: str, arch: str | None) -> None:
@@ -88,7 +114,7 @@ def inspect(path: str, arch: str | None) -> None:
     run_inspect(path, arch)
 
 
-@cli.command()
+@click.command()
 @click.argument("model")
 @click.option("--task", "tasks", multiple=True, metavar="NAME=DATA ...", help="Task data to route (repeatable).")
 @click.option("--split", default="test", show_default=True)
@@ -98,14 +124,14 @@ def inspect(path: str, arch: str | None) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write mean routing weights as JSON.")
 @device_option
 @verbosity_options
-def routes(**opts) -> None:
+def routes(**opts: Any) -> None:
     """Mean routing weight per MoE block and expert for each task's data."""
     from wemoe.commands.routes import run_routes
 
     run_routes(opts)
 
 
-@cli.command()
+@click.command()
 @click.argument("model")
 @click.option("--task", "task", required=True, help="Task whose mean routing weights to bake in.")
 @click.option("--data", help="Images of the task (defaults to the data recorded at merge time).")
@@ -115,11 +141,26 @@ def routes(**opts) -> None:
 @click.option("--force", is_flag=True)
 @device_option
 @verbosity_options
-def export(**opts) -> None:
+def export(**opts: Any) -> None:
     """Write a plain (non-MoE) checkpoint for one task, in the base's key scheme."""
     from wemoe.commands.export import run_export
 
     run_export(opts)
+
+
+def build_cli() -> click.Group:
+    """The command group, with ``merge`` generated from the method registry as it is now."""
+
+    @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+    @click.version_option(package_name="wemoe", message="wemoe %(version)s")
+    def cli(debug: bool) -> None:
+        """Merge task-finetuned vision transformers into one model (WEMoE and static baselines)."""
+
+    cli.add_command(_merge_command())
+    for command in (eval_cmd, inspect, routes, export):
+        cli.add_command(command)
+    return cli
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     args = expand_greedy(list(sys.argv[1:] if argv is None else argv), GREEDY_OPTIONS)
     debug = "--debug" in args
     try:
-        cli.main(args=args, prog_name="wemoe", standalone_mode=False)
+        build_cli().main(args=args, prog_name="wemoe", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.UsageError as exc:
@@ -144,6 +185,11 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("wemoe: interrupted", err=True)
         sys.exit(130)
+    except UsageError as exc:
+        if debug:
+            raise
+        click.echo(f"wemoe: error: {exc}", err=True)
+        sys.exit(2)
     except WemoeError as exc:
         if debug:
             raise
@@ -152,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("wemoe: interrupted", err=True)
         sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - one line for users, the traceback with --debug
+    except Exception as exc:
         if debug:
             raise
         message = str(exc).splitlines()[0] if str(exc) else ""

@@ -33,7 +33,7 @@ class TaskData:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, limit: int | None) -> "TaskData":
+    def subset(self, limit: int | None) -> TaskData:
         if limit is None or limit >= len(self):
             return self
         return TaskData(self.source, self.labels[:limit], None if self.arrays is None else self.arrays[:limit],
@@ -82,7 +82,7 @@ def _check_image(path: Path) -> None:
     try:
         with Image.open(path) as im:
             im.verify()
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types (incl. DecompressionBombError) for bad files
+    except Exception as exc:
         raise WemoeError(f"cannot read image ({type(exc).__name__})", path=path) from None
 
 
@@ -127,7 +127,7 @@ def _load_npz(path: Path, split: str) -> TaskData:
             classes = [str(c) for c in z["classes"]] if "classes" in files else None
     except WemoeError:
         raise
-    except Exception as exc:  # noqa: BLE001 - numpy raises many types for broken files
+    except Exception as exc:
         raise WemoeError(f"cannot read .npz ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", path=path) from None
     x = _to_rgb_uint8(x, str(path))
     if y is None:

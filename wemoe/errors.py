@@ -22,3 +22,7 @@ class WemoeError(Exception):
             where.append(f"tensor '{tensor}'")
         text = f"{': '.join(where)}: {message}" if where else message
         super().__init__(text)
+
+
+class UsageError(WemoeError):
+    """The options do not fit together (an option for another method, a missing --base): exit code 2."""

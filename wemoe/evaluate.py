@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -16,10 +15,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from wemoe.arch import ViTArch
-from wemoe.checkpoint import open_checkpoint
 from wemoe.data import TaskData
-from wemoe.heads import Head, load_heads
-from wemoe.model.vit import build_vit
+from wemoe.heads import Head
 
 
 @dataclass
@@ -47,31 +44,3 @@ def evaluate_task(
             total += len(labels)
             bar.update(len(labels))
     return TaskResult(correct / total, total, loss_sum / total, time.perf_counter() - started)
-
-
-@dataclass
-class LoadedModel:
-    module: nn.Module
-    arch: ViTArch
-    heads: dict[str, Head]
-    kind: str
-
-
-def load_for_inference(path: str | Path, arch: str | None = None, device: str = "cpu") -> LoadedModel:
-    """Any checkpoint wemoe reads, or a merge output directory (with its stored heads)."""
-    p = Path(path)
-    if p.is_dir() and (p / "config.json").is_file():
-        import json
-
-        cfg = json.loads((p / "config.json").read_text())
-        if cfg.get("format") == "wemoe" and cfg.get("method") == "wemoe":
-            from wemoe.saved import load_merged
-
-            model = load_merged(p, device=device)  # brings its stored heads
-            return LoadedModel(model, model.arch, model.heads, "wemoe")
-    heads: dict[str, Head] = {}
-    if p.is_dir() and (p / "heads.safetensors").is_file():
-        heads = load_heads(p / "heads.safetensors")
-    ckpt = open_checkpoint(p, arch)
-    module = build_vit(ckpt.arch, ckpt.state_dict()).to(device)
-    return LoadedModel(module, ckpt.arch, heads, ckpt.scheme)

@@ -3,10 +3,10 @@
 glibc serves an allocation from its heap when it is below the mmap threshold, and
 raises that threshold (up to 32 MiB) every time a larger mmapped block is freed.
 A streaming merge frees thousands of multi-MB tensors, so after the first few
-they all land in the heap, where fragmentation keeps freed memory resident:
-measured at ViT-B/32 with 8 experts, the WEMoE build peaked at 3.52 GB with
-the dynamic threshold and 3.17 GB with a fixed 1 MiB one. Pinning the threshold
-makes every tensor of 1 MiB or more its own mapping, unmapped on free.
+they all land in the heap, where fragmentation keeps freed memory resident (the
+merge peak RSS rows of ``benchmarks/results/speed*.md`` measure the effect).
+Pinning the threshold makes every tensor of 1 MiB or more its own mapping,
+unmapped on free.
 
 Only the ``wemoe`` command calls this; importing the library changes nothing.
 """

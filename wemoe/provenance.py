@@ -9,9 +9,9 @@ from typing import Any
 import torch
 
 import wemoe
-from wemoe.merge.inputs import MergeInputs
-
-FORMAT_VERSION = 1
+from wemoe.artifact import FORMAT, format_version
+from wemoe.merging.inputs import MergeInputs
+from wemoe.runtime import dtype_name
 
 
 def versions() -> dict[str, str]:
@@ -30,8 +30,8 @@ def versions() -> dict[str, str]:
 def base_config(inputs: MergeInputs, method: str, parameters: dict[str, Any], dtype: torch.dtype, seed: int) -> dict[str, Any]:
     base = inputs.base
     return {
-        "format": "wemoe",
-        "format_version": FORMAT_VERSION,
+        "format": FORMAT,
+        "format_version": format_version(method),
         "method": method,
         "parameters": parameters,
         "architecture": base.arch.to_dict(),
@@ -39,7 +39,7 @@ def base_config(inputs: MergeInputs, method: str, parameters: dict[str, Any], dt
         "prefix": base.prefix,
         "activation": base.arch.activation,
         "tasks": inputs.task_names,
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtype": dtype_name(dtype),
         "seed": seed,
         "inputs": {
             "base": {"path": str(base.path), "sha256": inputs.base_sha256, "scheme": base.scheme},

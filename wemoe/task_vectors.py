@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
-from wemoe.merge.inputs import MergeInputs
+from wemoe.merging.inputs import MergeInputs
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

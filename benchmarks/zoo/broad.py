@@ -25,7 +25,7 @@ def _shape(k: int, rng: np.random.Generator, res: int = 128) -> np.ndarray:
     im = Image.new("L", (res, res), 0)
     d = ImageDraw.Draw(im)
     c, r = res / 2, res * 0.36 * rng.uniform(0.9, 1.05)
-    ngon = lambda n: [(c + r * np.cos(2 * np.pi * i / n - np.pi / 2), c + r * np.sin(2 * np.pi * i / n - np.pi / 2))  # noqa: E731
+    ngon = lambda n: [(c + r * np.cos(2 * np.pi * i / n - np.pi / 2), c + r * np.sin(2 * np.pi * i / n - np.pi / 2))
                       for i in range(n)]
     name = BROAD_SHAPES[k]
     if name in ("pentagon", "heptagon", "octagon"):

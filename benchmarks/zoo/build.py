@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from . import config, datasets, replay
+from . import config, datasets, replay, requirements
 from .finetune import finetune
 from .heads import accuracy, balanced_subset, fit_prototypes, load_head, save_head
 from .model import load_encoder, load_state, save_encoder
@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="CPU cores to use (default 2)")
     b.add_argument("--jobs", type=int, default=None, help="parallel single-threaded fine-tunes (default: --threads)")
     args = ap.parse_args(argv)
+    requirements.ensure()
     cache = args.cache or (QUICK_CACHE if args.quick else DEFAULT_CACHE)
     build(cache, args.quick, tuple(t for t in args.tasks.split(",") if t), args.base, args.threads, args.jobs)
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
+
+from wemoe.merging.inputs import sha256_files
 
 FULL: dict[str, Any] = {
     "seed": 0,
@@ -36,8 +39,5 @@ def digest(*parts: Any) -> str:
 
 
 def file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    """Short sha256 of a file's bytes (wemoe's own digest, as recorded in merge outputs)."""
+    return sha256_files([Path(path)])[:16]

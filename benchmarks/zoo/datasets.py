@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import gzip
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -162,7 +162,7 @@ def texture_coords(rng: np.random.Generator, period: tuple[float, float]) -> tup
 def _texture_mask(k: int, rng: np.random.Generator) -> np.ndarray:
     """One 32x32 texture of class ``k`` as a [0,1] float mask (pattern vs ground)."""
     yy, xx, u, v, p = texture_coords(rng, (5, 10))
-    soft = lambda z: 1 / (1 + np.exp(-4 * z))  # noqa: E731
+    soft = lambda z: 1 / (1 + np.exp(-4 * z))
     if k == 0:  # stripes
         return soft(np.sin(2 * np.pi * u / p))
     if k == 1:  # checker
@@ -217,7 +217,7 @@ def _shape_mask(k: int, rng: np.random.Generator, res: int = 128) -> np.ndarray:
     im = Image.new("L", (res, res), 0)
     d = ImageDraw.Draw(im)
     c, r = res / 2, res * 0.36
-    poly = lambda n, rr, off=0.0: [(c + rr * np.cos(2 * np.pi * i / n + off), c + rr * np.sin(2 * np.pi * i / n + off)) for i in range(n)]  # noqa: E731
+    poly = lambda n, rr, off=0.0: [(c + rr * np.cos(2 * np.pi * i / n + off), c + rr * np.sin(2 * np.pi * i / n + off)) for i in range(n)]
     if k == 0:
         d.ellipse([c - r, c - r, c + r, c + r], fill=255)
     elif k == 1:
@@ -300,15 +300,3 @@ def build_task(name: str, n_train: int, n_test: int, seed: int) -> Split:
     cap = MAX_SIZES.get(name, (10 ** 9, 10 ** 9))
     return BUILDERS[name](min(n_train, cap[0]), min(n_test, cap[1]), seed * 1000 + TASKS.index(name))
 
-
-def load_or_build(name: str, path: str, n_train: int, n_test: int, seed: int) -> Split:
-    """Read the cached ``.npz`` or build and save it."""
-    if os.path.exists(path):
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
-    data = build_task(name, n_train, n_test, seed)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **data)
-    os.replace(tmp, path)
-    return data

@@ -38,7 +38,7 @@ def font_pool(kind: str) -> list[str]:
     raise ValueError(kind)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cmap(path: str) -> frozenset[int]:
     from fontTools.ttLib import TTFont
 

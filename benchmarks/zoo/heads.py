@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from wemoe.heads import Head
+
 from .model import preprocess
 
 
@@ -51,8 +53,8 @@ def load_head(path: str) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, s
 
 
 def logits(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    out = F.normalize(feats, dim=-1) @ weight.T
-    return out if bias is None else out + bias
+    """The zoo's heads are cosine heads: wemoe's ``Head`` with ``normalize`` set."""
+    return Head(weight, bias, normalize=True).logits(feats)
 
 
 @torch.no_grad()

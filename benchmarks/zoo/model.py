@@ -9,8 +9,8 @@ from open_clip.transformer import VisionTransformer
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from wemoe.arch import CLIP_MEAN, CLIP_STD
+
 PREFIX = "visual."
 
 

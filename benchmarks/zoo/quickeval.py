@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from wemoe.adapt import entropy
+
 from . import datasets
 from .build import DEFAULT_CACHE
 from .heads import features, load_head, logits
@@ -58,9 +60,7 @@ class BuiltZoo:
         weight, bias, _ = self.heads[task]
         x, y = self.tests[task]
         out = logits(features(self.model, x), weight, bias)
-        p = out.softmax(-1)
-        ent = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
-        return float((out.argmax(1) == torch.as_tensor(y)).float().mean()), float(ent)
+        return float((out.argmax(1) == torch.as_tensor(y)).float().mean()), float(entropy(out))
 
 
 def require_built(cache: str) -> None:

@@ -9,12 +9,14 @@ from typing import Any
 
 import click
 
+from wemoe.config import check_unique, split_named
 from wemoe.data import check_labels, load_data
 from wemoe.errors import WemoeError
-from wemoe.evaluate import evaluate_task, load_for_inference
+from wemoe.evaluate import evaluate_task
 from wemoe.heads import load_head
-from wemoe.merge.inputs import parse_named
-from wemoe.options import progress_enabled, resolve_device
+from wemoe.loading import load_for_inference
+from wemoe.options import progress_enabled
+from wemoe.runtime import resolve_device
 
 
 def check_report_path(path: str | Path) -> None:
@@ -33,7 +35,7 @@ def parse_task_spec(spec: str) -> tuple[str, str | None, str]:
         if not name:
             raise WemoeError(f"empty task name in '{spec}'")
     else:
-        name, rest = parse_named(spec)[0], spec
+        name, rest = split_named(spec)[0], spec
     if ":" in rest:
         head, data = rest.split(":", 1)
         return name, head or None, data
@@ -46,10 +48,7 @@ def run_eval(opts: dict[str, Any]) -> None:
     specs = [parse_task_spec(s) for s in opts.get("tasks") or ()]
     if not specs:
         raise click.UsageError("no --task given (NAME=HEAD:DATA)")
-    names = [s[0] for s in specs]
-    for n in names:
-        if names.count(n) > 1:
-            raise WemoeError(f"task '{n}' is given twice")
+    check_unique([s[0] for s in specs])
     if opts.get("json_path"):
         check_report_path(opts["json_path"])
     device = resolve_device(opts.get("device") or "auto")
@@ -72,7 +71,7 @@ def run_eval(opts: dict[str, Any]) -> None:
     started = time.perf_counter()
     results = {}
     for name, head, data in jobs:
-        results[name] = evaluate_task(loaded.module, head, data, loaded.arch, opts["batch_size"], device, progress, desc=name)
+        results[name] = evaluate_task(loaded.module, head, data, loaded.arch, opts.get("batch_size") or 64, device, progress, desc=name)
     average = sum(r.accuracy for r in results.values()) / len(results)
     width = max(8, *(len(n) for n in results))
     lines = [f"{'task':<{width}}  {'accuracy':>8}  {'loss':>7}  {'n':>6}"]

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
+from wemoe.artifact import read_output
 from wemoe.checkpoint import open_checkpoint
+from wemoe.runtime import dtype_name
 
 
 def run_inspect(path: str, arch: str | None) -> None:
-    p = Path(path)
-    config = None
-    if p.is_dir() and (p / "config.json").is_file():
-        config = json.loads((p / "config.json").read_text())
-    if config and config.get("format") == "wemoe" and config.get("method") == "wemoe":
-        from wemoe.saved import describe_merged
+    record = read_output(path)
+    if record is not None and record.is_moe:
+        from wemoe.saved import describe_wemoe
 
-        click.echo(describe_merged(p, config))
+        lines = [f"path:          {path}", f"architecture:  {record.architecture.summary()}", f"base scheme:   {record.scheme}",
+                 f"tasks:         {', '.join(record.tasks)}", *describe_wemoe(record), f"dtype:         {record.dtype}"]
+        click.echo("\n".join(lines))
         return
     ckpt = open_checkpoint(path, arch)
     counts = {"mlp": 0, "other": 0}
@@ -31,15 +31,14 @@ def run_inspect(path: str, arch: str | None) -> None:
     lines = [
         f"path:          {path}",
         f"scheme:        {ckpt.scheme}" + (f" (prefix '{ckpt.prefix}')" if ckpt.prefix else ""),
-        f"architecture:  width {a.width}, depth {a.depth}, heads {a.heads}, patch {a.patch_size}, image {a.image_size}, "
-        f"mlp {a.mlp_width}, embed {a.embed_dim}",
+        f"architecture:  {a.summary()}",
         f"activation:    {a.activation}  (from: {a.source})",
         f"parameters:    {counts['mlp'] + counts['other']:,} (MLPs {counts['mlp']:,}, other {counts['other']:,})",
-        f"dtype:         {str(ckpt.dtype('blocks.0.mlp.fc1.weight')).replace('torch.', '')}",
+        f"dtype:         {dtype_name(ckpt.dtype('blocks.0.mlp.fc1.weight'))}",
     ]
     if ckpt.match.ignored:
         lines.append(f"ignored:       {len(ckpt.match.ignored)} tensors outside the image tower")
-    if config and config.get("format") == "wemoe":
+    if record is not None:
         lines.append("merge config:")
-        lines.append(json.dumps({k: config[k] for k in ("method", "parameters", "tasks", "dtype", "seed") if k in config}, indent=2))
+        lines.append(json.dumps({k: record.raw[k] for k in ("method", "parameters", "tasks", "dtype", "seed") if k in record.raw}, indent=2))
     click.echo("\n".join(lines))

@@ -8,12 +8,14 @@ from typing import Any
 
 import click
 
+from wemoe.artifact import require_output
 from wemoe.commands.evaluate import check_report_path, parse_task_spec
+from wemoe.config import check_unique
 from wemoe.data import load_data
-from wemoe.errors import WemoeError
-from wemoe.options import progress_enabled, resolve_device
+from wemoe.options import progress_enabled
 from wemoe.routing_report import mean_routing, routing_heatmap, routing_table
-from wemoe.saved import load_merged
+from wemoe.runtime import resolve_device
+from wemoe.saved import load_wemoe
 
 
 def run_routes(opts: dict[str, Any]) -> None:
@@ -24,16 +26,13 @@ def run_routes(opts: dict[str, Any]) -> None:
         if opts.get(key):
             check_report_path(opts[key])
     device = resolve_device(opts.get("device") or "auto")
-    model = load_merged(opts["model"], device=device)
-    datasets = {}
-    for name, _head, path in specs:
-        if name in datasets:
-            raise WemoeError(f"task '{name}' is given twice")
-        datasets[name] = load_data(path, opts.get("split") or "test").subset(opts.get("limit"))
+    check_unique([s[0] for s in specs])
+    model = load_wemoe(require_output(opts["model"], moe=True), device=device)
+    datasets = {name: load_data(path, opts.get("split") or "test").subset(opts.get("limit")) for name, _head, path in specs}
     means = {n: mean_routing(model, d, opts["batch_size"], device, progress_enabled(opts), desc=n) for n, d in datasets.items()}
     click.echo(routing_table(model, means))
     if opts.get("png"):
         routing_heatmap(model, means, opts["png"])
     if opts.get("json_path"):
-        report = {"experts": model.task_names, "blocks": model.moe_blocks, "mean_routing": {n: m.tolist() for n, m in means.items()}}
+        report = {"experts": model.task_names, "blocks": model.moe_blocks, "routes": model.route_labels(), "mean_routing": {n: m.tolist() for n, m in means.items()}}
         Path(opts["json_path"]).write_text(json.dumps(report, indent=2) + "\n")

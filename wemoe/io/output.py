@@ -11,8 +11,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -22,7 +22,6 @@ from wemoe.io.safetensors_io import SafetensorsWriter, _element_size
 TMP_MARK = ".wemoe-tmp-"
 MODEL_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-CONFIG_FILE = "config.json"
 
 
 def parse_size(text: str | int) -> int:

@@ -119,7 +119,7 @@ def load_pickled_checkpoint(path: str | os.PathLike[str]) -> PickledCheckpoint:
 
     try:
         obj = _torch_load(p, kind, weights_only=True)
-    except Exception:  # noqa: BLE001 - any refusal: retry with the restricted unpickler below
+    except Exception:
         pass
     else:
         return _build_result(p, obj, "weights_only", ())
@@ -129,7 +129,7 @@ def load_pickled_checkpoint(path: str | os.PathLike[str]) -> PickledCheckpoint:
         obj = _torch_load(p, kind, weights_only=False, pickle_module=_restricted_pickle_module(recorder))
     except WemoeError:
         raise
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one line naming the file
+    except Exception as exc:
         raise WemoeError(_describe_failure(exc), path=p) from None
     return _build_result(p, obj, "restricted", tuple(sorted(recorder)))
 

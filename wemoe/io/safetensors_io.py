@@ -15,8 +15,9 @@ import json
 import mmap
 import os
 import struct
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import BinaryIO, Iterable, Mapping
+from typing import BinaryIO
 
 import numpy as np
 import torch

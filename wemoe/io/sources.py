@@ -135,14 +135,14 @@ def _runs_code(qualified: str) -> bool:
 def _open_torch_file(path: Path) -> InMemorySource:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as first_error:  # noqa: BLE001 - any refusal falls back to the restricted unpickler
+    except Exception as first_error:
         from wemoe.io.safe_pickle import load_pickled_checkpoint
 
         try:
             loaded = load_pickled_checkpoint(path)
         except WemoeError:
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise WemoeError(f"cannot read torch file ({type(first_error).__name__}; {type(exc).__name__}: {exc})", path=path) from None
         dangerous = [g for g in getattr(loaded, "inert_globals", ()) if _runs_code(g)]
         if dangerous:

@@ -1,21 +1,22 @@
-"""Slow, obviously-correct reference for ``WeightEnsemblingMLP`` (tests, benchmarks).
+"""Slow, obviously-correct references for WEMoE models (tests, benchmarks).
 
-One Python iteration per sample: merge the four MLP tensors from the module's
-buffers with that sample's coefficients, then run ``F.linear -> act ->
-F.linear``. Differentiable with plain autograd (wrt the router parameters, the
-input, and a routing override).
+One Python iteration per sample, the way the original WEMoE / FusionBench code
+works: compute the sample's routing, merge its weights, run a plain layer.
+Nothing of the tiled kernels or the low-rank algebra is used: the task vectors
+come from ``experts.task_vectors()`` (for low-rank experts, the truncated ones),
+merged with plain arithmetic.
 
-Two ways to merge a sample's weights: ``"einsum"`` (one contraction over the
-expert axis per tensor: already vectorised inside the sample) and ``"loop"``
-(``W = W + r_i * tau_i`` expert after expert, each step a new tensor: the way
-the original WEMoE / FusionBench module merges a state dict per sample). The
-speed benchmark reports WEMoE against both.
+``merge="einsum"`` merges a tensor with one contraction over the expert axis;
+``merge="loop"`` adds ``c_i * tau_i`` expert after expert (each step a new
+tensor), as the original module does. The speed benchmark times both.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from wemoe.model.routed import RoutedLinear
 
 
 def _merge_einsum(w: torch.Tensor, c: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -31,33 +32,47 @@ def _merge_loop(w: torch.Tensor, c: torch.Tensor, experts: torch.Tensor) -> torc
 MERGES = {"einsum": _merge_einsum, "loop": _merge_loop}
 
 
-def naive_moe_forward(module, x: torch.Tensor, routing: torch.Tensor | None = None, merge: str = "einsum") -> torch.Tensor:
-    """Per-sample loop equivalent of ``module(x, routing)``; computes in the buffer dtype."""
-    if routing is None:
-        r = module.routing_weights(x)
-    else:
-        r = torch.as_tensor(routing, device=x.device)
-        if r.dim() == 1:
-            r = r.unsqueeze(0).expand(x.shape[0], -1)
-    dtype = module.fc1_weight.dtype
-    r = r.to(dtype)
-    xc = x.to(dtype)
-    # Natural nn.Linear layouts; fc2 is stored transposed in the module.
-    w1, b1 = module.fc1_weight, module.fc1_bias  # (H, D), (H,)
-    w2, b2 = module.fc2_weight_t.t(), module.fc2_bias  # (D, H), (D,)
-    e_w1, e_b1 = module.expert_fc1_weight, module.expert_fc1_bias  # (T, H, D), (T, H)
-    e_w2, e_b2 = module.expert_fc2_weight_t.transpose(1, 2), module.expert_fc2_bias  # (T, D, H), (T, D)
-    merged = MERGES[merge]
-    outs = []
+def merged_linear(layer: RoutedLinear, c: torch.Tensor, merge: str = "einsum") -> tuple[torch.Tensor, torch.Tensor]:
+    """One sample's weight and bias: W0 + sum_i c_i dW_i, b0 + sum_i c_i db_i."""
+    dw, db = layer.experts.task_vectors()
+    c = c.to(layer.weight.dtype)
+    return MERGES[merge](layer.weight, c, dw), MERGES[merge](layer.bias, c, db)
+
+
+def linear_reference(layer, x: torch.Tensor, coefs: torch.Tensor | None, merge: str = "einsum") -> torch.Tensor:
+    """``layer(x, coefs)`` one sample at a time (plain layers are plain)."""
+    if not isinstance(layer, RoutedLinear):
+        return F.linear(x, layer.weight, layer.bias)
+    out = []
     for b in range(x.shape[0]):
-        c = r[b]
-        fc1_w = merged(w1, c, e_w1)
-        fc1_b = merged(b1, c, e_b1)
-        fc2_w = merged(w2, c, e_w2)
-        fc2_b = merged(b2, c, e_b2)
-        h = module.act(F.linear(xc[b], fc1_w, fc1_b))
-        outs.append(F.linear(h, fc2_w, fc2_b))
-    return torch.stack(outs).to(x.dtype)
+        w, bias = merged_linear(layer, coefs[b], merge)
+        out.append(F.linear(x[b : b + 1].to(w.dtype), w, bias))
+    return torch.cat(out).to(x.dtype)
 
 
-__all__ = ["naive_moe_forward"]
+def block_reference(block, x: torch.Tensor, merge: str = "einsum") -> torch.Tensor:
+    """A (MoE) block written out: routing from its routers, then per-sample merged linears."""
+    h = block.norm1(x)
+    c = block.coefficients("attn", h)
+    b, n, d = h.shape
+    qkv = linear_reference(block.attn.qkv, h, c, merge).reshape(b, n, 3, block.attn.heads, d // block.attn.heads).permute(2, 0, 3, 1, 4)
+    att = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2).reshape(b, n, d)
+    x = x + linear_reference(block.attn.proj, att, c, merge)
+    h = block.norm2(x)
+    c = block.coefficients("mlp", h)
+    a = block.mlp._act(linear_reference(block.mlp.fc1, h, c, merge))
+    return x + linear_reference(block.mlp.fc2, a, c, merge)
+
+
+def reference_forward(model, images: torch.Tensor, merge: str = "einsum") -> torch.Tensor:
+    """``model(images)`` for a WEMoE (or plain) ViT, sample by sample and layer by layer."""
+    outs = []
+    for i in range(images.shape[0]):
+        x = model.tokens(images[i : i + 1])
+        for block in model.blocks:
+            x = block_reference(block, x, merge)
+        outs.append(model.head(model.norm(x[:, 0])))
+    return torch.cat(outs)
+
+
+__all__ = ["block_reference", "linear_reference", "merged_linear", "reference_forward"]

@@ -71,6 +71,19 @@ class Router(nn.Module):
             nn.init.normal_(self.out.weight, mean=0.0, std=self.init_std)
             nn.init.constant_(self.out.bias, self.init_lambda)
 
+    def materialize(self, device: torch.device | str = "cpu") -> None:
+        """Real, initialised weights for a router built on the meta device.
+
+        Draws exactly what building the router on ``device`` draws (each Linear's
+        default init, then this router's), so the random stream, and hence the
+        routers of a seeded merge, do not depend on how the model was built.
+        """
+        self.to_empty(device=device)
+        for layer in (getattr(self, "hidden", None), getattr(self, "out", None)):
+            if layer is not None:
+                layer.reset_parameters()
+        self.reset_parameters()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.width:
             raise WemoeError(f"router expects input (B, N, {self.width}), got {tuple(x.shape)}")

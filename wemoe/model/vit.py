@@ -1,59 +1,89 @@
 """The image encoder, written once against the canonical (timm) layout.
 
-One forward for every checkpoint wemoe reads (timm, open_clip, HF CLIP) so a
-merged model behaves identically whatever layout it came from, and so a block's
-MLP can be swapped for the weight-ensembling MoE block.
+One forward for every checkpoint wemoe reads (timm, open_clip, HF CLIP), so a
+merged model behaves identically whatever layout it came from. The encoder is
+assembled from factories, timm-style: ``block_fn`` makes each block, and a block
+makes its attention and MLP linears with a ``linear`` factory. A plain ViT uses
+:class:`Linear`; a WEMoE block passes a factory of routed linears
+(``wemoe.model.routed``) for the sub-layers it routes. Every linear takes the
+routing coefficients of its group as a second argument (plain ones ignore it), so
+the block loop below is the only one, for plain and mixture models alike.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from wemoe.arch import ViTArch
+from wemoe.errors import WemoeError
+from wemoe.heads import Head
 from wemoe.model.activations import get_activation
+
+LinearFactory = Callable[[int, int], nn.Module]  # (in_features, out_features) -> module(x, coefs)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that accepts (and ignores) routing coefficients."""
+
+    def forward(self, x: torch.Tensor, coefs: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x)
 
 
 class Mlp(nn.Module):
-    def __init__(self, width: int, hidden: int, activation: str):
+    def __init__(self, width: int, hidden: int, activation: str, linear: LinearFactory = Linear):
         super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
+        self.fc1 = linear(width, hidden)
+        self.fc2 = linear(hidden, width)
         self.activation = activation
         self._act = get_activation(activation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self._act(self.fc1(x)))
+    def forward(self, x: torch.Tensor, coefs: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fc2(self._act(self.fc1(x, coefs)), coefs)
 
 
 class Attention(nn.Module):
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, linear: LinearFactory = Linear):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
+        self.qkv = linear(width, 3 * width)
+        self.proj = linear(width, width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, coefs: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x, coefs).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        return self.proj(out.transpose(1, 2).reshape(b, n, d), coefs)
 
 
 class Block(nn.Module):
-    def __init__(self, arch: ViTArch):
+    """Pre-norm transformer block. ``routes`` (a list) collects routing coefficients; plain blocks add none."""
+
+    def __init__(self, arch: ViTArch, attn_linear: LinearFactory = Linear, mlp_linear: LinearFactory = Linear):
         super().__init__()
         self.norm1 = nn.LayerNorm(arch.width, eps=arch.layer_norm_eps)
-        self.attn = Attention(arch.width, arch.heads)
+        self.attn = Attention(arch.width, arch.heads, attn_linear)
         self.norm2 = nn.LayerNorm(arch.width, eps=arch.layer_norm_eps)
-        self.mlp: nn.Module = Mlp(arch.width, arch.mlp_width, arch.activation)
+        self.mlp = Mlp(arch.width, arch.mlp_width, arch.activation, mlp_linear)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+    def coefficients(self, group: str, h: torch.Tensor) -> torch.Tensor | None:
+        """Routing coefficients of ``group`` ("attn" or "mlp") for its input ``h``; None when not routed."""
+        return None
+
+    def forward(self, x: torch.Tensor, routes: list[torch.Tensor] | None = None) -> torch.Tensor:
+        for group, norm, layer in (("attn", self.norm1, self.attn), ("mlp", self.norm2, self.mlp)):
+            h = norm(x)
+            c = self.coefficients(group, h)
+            if routes is not None and c is not None:
+                routes.append(c)
+            x = x + layer(h, c)
+        return x
+
+
+BlockFactory = Callable[[ViTArch, int], Block]
 
 
 class PatchEmbed(nn.Module):
@@ -65,27 +95,39 @@ class PatchEmbed(nn.Module):
 class VisionTransformer(nn.Module):
     """CLIP-style ViT: patchify, prepend CLS, (pre-norm), blocks, norm, CLS, projection."""
 
-    def __init__(self, arch: ViTArch, head_bias: bool = False):
+    def __init__(self, arch: ViTArch, head_bias: bool = False, block_fn: BlockFactory = lambda arch, _i: Block(arch)):
         super().__init__()
         self.arch = arch
         self.patch_embed = PatchEmbed(arch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, arch.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, arch.num_tokens, arch.width))
         self.norm_pre = nn.LayerNorm(arch.width, eps=arch.layer_norm_eps) if arch.pre_norm else nn.Identity()
-        self.blocks = nn.ModuleList(Block(arch) for _ in range(arch.depth))
+        self.blocks = nn.ModuleList(block_fn(arch, i) for i in range(arch.depth))
         self.norm = nn.LayerNorm(arch.width, eps=arch.layer_norm_eps)
         self.head = nn.Linear(arch.width, arch.embed_dim, bias=head_bias) if arch.embed_dim is not None else nn.Identity()
+        self.task_names: list[str] = []  # the tasks a merge was made for (experts' order in WEMoE)
+        self.heads: dict[str, Head] = {}  # task classification heads on the image embedding
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         return self.norm_pre(x + self.pos_embed.to(x.dtype))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, routes: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Image embedding; routing coefficients of every routed group are appended to ``routes`` in order."""
         x = self.tokens(images)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, routes)
         return self.head(self.norm(x[:, 0]))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encode(images)
+
+    def logits(self, images: torch.Tensor, task: str) -> torch.Tensor:
+        """Class logits of ``task`` with its stored head."""
+        if task not in self.heads:
+            raise WemoeError(f"unknown task '{task}' (this model has heads for: {', '.join(self.heads) or 'none'})")
+        return self.heads[task].logits(self(images))
 
 
 def build_vit(arch: ViTArch, state_dict: Mapping[str, torch.Tensor]) -> VisionTransformer:

@@ -1,25 +1,26 @@
-"""The merged WEMoE model: a ViT whose chosen blocks' MLPs are weight-ensembling
-MoE blocks, plus the task heads it was merged for.
+"""The merged WEMoE model: a ViT whose chosen blocks are MoE blocks, plus the task heads.
 
-Everything that is not a MoE MLP holds task-arithmetic weights
-theta_0 + lambda * sum_i tau_i; each MoE MLP holds the pretrained MLP, the MLP
-task vectors (frozen) and its router (the only trainable part).
+Everything that is not routed holds task-arithmetic weights
+theta_0 + lambda * sum_i tau_i; each routed linear holds the pretrained weight,
+the task vectors (frozen; dense or low-rank) and is driven by its block's router
+for that group (the routers are the only trainable part).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from wemoe.arch import ViTArch
 from wemoe.errors import WemoeError
-from wemoe.heads import Head
-from wemoe.model.moe import WeightEnsemblingMLP
-from wemoe.model.vit import VisionTransformer
+from wemoe.model.moe import GROUPS, MoEBlock
+from wemoe.model.router import Router
+from wemoe.model.vit import Block, VisionTransformer
 
 
 def parse_moe_blocks(spec: str | Sequence[int] | None, depth: int) -> list[int]:
@@ -49,84 +50,107 @@ def parse_moe_blocks(spec: str | Sequence[int] | None, depth: int) -> list[int]:
     return blocks
 
 
+def parse_groups(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """``mlp`` | ``attn`` | ``mlp,attn`` -> the routed groups in block order."""
+    names = [g.strip() for g in (spec.split(",") if isinstance(spec, str) else spec) if g.strip()]
+    unknown = [g for g in names if g not in GROUPS]
+    if unknown or not names:
+        raise WemoeError(f"--experts must name one or more of {', '.join(GROUPS)} (e.g. mlp,attn), got '{spec}'")
+    return tuple(g for g in GROUPS if g in names)
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """What a WEMoE model routes, and how: everything needed to rebuild its module."""
+
+    blocks: tuple[int, ...]
+    groups: tuple[str, ...] = ("mlp",)
+    rank: int | None = None  # None: dense task vectors
+    router_layers: int = 2
+    init_lambda: float = 0.3
+    coef_range: tuple[float, float] | None = None
+
+    def routes(self) -> list[tuple[int, str]]:
+        """(block, group) of every routing entry, in the order ``model.routing`` returns them."""
+        return [(b, g) for b in self.blocks for g in self.groups]
+
+
 class WEMoEModel(VisionTransformer):
     """``model(images)`` -> image embedding; ``model.logits(images, task)``; ``model.routing(images)``."""
 
-    def __init__(
-        self,
-        arch: ViTArch,
-        task_names: Sequence[str],
-        moe_blocks: Sequence[int],
-        router_layers: int = 2,
-        init_lambda: float = 0.3,
-        coef_range: tuple[float, float] | None = None,
-        head_bias: bool = False,
-    ):
-        super().__init__(arch, head_bias=head_bias)
-        self.task_names = list(task_names)
-        self.moe_blocks = list(moe_blocks)
-        self.heads: dict[str, Head] = {}
-        T, D, H = len(task_names), arch.width, arch.mlp_width
-        with torch.device("meta"):
-            for b in self.moe_blocks:
-                self.blocks[b].mlp = WeightEnsemblingMLP(
-                    torch.empty(H, D), torch.empty(H), torch.empty(D, H), torch.empty(D),
-                    torch.empty(T, H, D), torch.empty(T, H), torch.empty(T, D, H), torch.empty(T, D),
-                    activation=arch.activation, router_layers=router_layers, init_lambda=init_lambda, coef_range=coef_range,
-                )
+    def __init__(self, arch: ViTArch, task_names: Sequence[str], spec: MoESpec, head_bias: bool = False):
+        T = len(task_names)
 
-    def moe_modules(self) -> list[WeightEnsemblingMLP]:
-        return [self.blocks[b].mlp for b in self.moe_blocks]  # type: ignore[misc]
+        def block_fn(a: ViTArch, index: int) -> Block:
+            if index not in spec.blocks:
+                return Block(a)
+            routers = {g: Router(a.width, T, spec.router_layers, spec.init_lambda) for g in spec.groups}
+            return MoEBlock(a, T, spec.groups, spec.rank, routers, spec.coef_range)
+
+        super().__init__(arch, head_bias=head_bias, block_fn=block_fn)
+        self.task_names = list(task_names)
+        self.spec = spec
+
+    @property
+    def moe_blocks(self) -> list[int]:
+        return list(self.spec.blocks)
+
+    def moe_block_modules(self) -> list[MoEBlock]:
+        return [self.blocks[b] for b in self.spec.blocks]  # type: ignore[misc]
+
+    def routers(self) -> list[nn.Module]:
+        """Every router, in routing order."""
+        return [self.blocks[b].routers[g] for b, g in self.spec.routes()]
 
     def router_parameters(self) -> list[nn.Parameter]:
-        return [p for m in self.moe_modules() for p in m.router.parameters()]
+        return [p for r in self.routers() for p in r.parameters()]
 
-    def freeze_backbone(self) -> "WEMoEModel":
+    def init_routers(self, seed: int, device: torch.device | str = "cpu") -> None:
+        """Give every router (built on the meta device) real, seeded initial weights, in routing order."""
+        torch.manual_seed(seed)
+        for r in self.routers():
+            r.materialize(device)
+
+    def freeze_backbone(self) -> WEMoEModel:
         """Only routers train in WEMoE: everything else is frozen."""
         router = {id(p) for p in self.router_parameters()}
         for p in self.parameters():
             p.requires_grad_(id(p) in router)
         return self
 
-    def logits(self, images: torch.Tensor, task: str) -> torch.Tensor:
-        if task not in self.heads:
-            raise WemoeError(f"unknown task '{task}' (this model has heads for: {', '.join(self.heads) or 'none'})")
-        return self.heads[task].logits(self(images))
-
     def routing(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Routing weights, one (B, T) tensor per MoE block in block order, experts in task order."""
-        out: list[torch.Tensor] = []
-        x = self.tokens(images)
-        for i, block in enumerate(self.blocks):
-            x = x + block.attn(block.norm1(x))
-            h = block.norm2(x)
-            if i in self.moe_blocks:
-                r = block.mlp.routing_weights(h)
-                out.append(r)
-                x = x + block.mlp(h, routing=r)
-            else:
-                x = x + block.mlp(h)
-        return out
+        """Routing coefficients, one (B, T) tensor per routed group: blocks in order, in each block
+        attention before MLP (``spec.routes()`` names them); experts in task order."""
+        routes: list[torch.Tensor] = []
+        self.encode(images, routes)
+        return routes
+
+    def route_labels(self) -> list[str]:
+        """A short label per routing entry ("5" for MLP-only models, else "5.attn", "5.mlp")."""
+        if self.spec.groups == ("mlp",):
+            return [str(b) for b, _ in self.spec.routes()]
+        return [f"{b}.{g}" for b, g in self.spec.routes()]
 
     @contextmanager
-    def fixed_routing(self, coefs: Sequence[float] | torch.Tensor) -> Iterator["WEMoEModel"]:
-        """Route every sample with the same (T,) coefficients while inside the block.
+    def fixed_routing(self, coefs: Sequence[float] | torch.Tensor) -> Iterator[WEMoEModel]:
+        """Route every sample of every group with the same (T,) coefficients while inside the block.
 
         A diagnostic, not a way to deploy: e.g. one-hot on a task's own expert gives
-        the accuracy a perfect router could reach with the merged non-MLP weights.
+        the accuracy a perfect router could reach with the merged non-routed weights.
         """
         c = torch.as_tensor(coefs, dtype=torch.float32).reshape(-1)
         if c.numel() != len(self.task_names):
             raise WemoeError(f"fixed routing needs {len(self.task_names)} coefficients, got {c.numel()}")
-        modules = self.moe_modules()
-        for m in modules:
-            m.fixed_routing = c.to(m.fc1_weight.device)
+        blocks = self.moe_block_modules()
+        for m in blocks:
+            m.fixed_routing = c.to(m.norm1.weight.device)
         try:
             yield self
         finally:
-            for m in modules:
+            for m in blocks:
                 m.fixed_routing = None
 
-    def set_coef_range(self, coef_range: tuple[float, float] | None) -> None:
-        for m in self.moe_modules():
-            m.coef_range = coef_range
+    def description(self) -> dict[str, Any]:
+        s = self.spec
+        return {"moe_blocks": list(s.blocks), "groups": list(s.groups), "rank": s.rank, "router_layers": s.router_layers,
+                "lambda": s.init_lambda, "coef_range": list(s.coef_range) if s.coef_range else None}

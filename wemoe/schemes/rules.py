@@ -7,8 +7,8 @@ that converts between them (e.g. HF's separate q/k/v projections <-> one qkv).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -62,7 +62,7 @@ class Rule:
 class SchemeMatch:
     """The native keys a detected scheme maps to each canonical key."""
 
-    scheme: "Scheme"
+    scheme: Scheme
     prefix: str
     depth: int
     native_of: dict[str, tuple[str, ...]]  # canonical key -> full native keys
@@ -195,7 +195,7 @@ OPEN_CLIP = Scheme(
 )
 
 _HF = "vision_model.encoder.layers.{n}."
-_HF_QKV = lambda kind: tuple(f"{_HF}self_attn.{x}_proj.{kind}" for x in "qkv")  # noqa: E731
+_HF_QKV = lambda kind: tuple(f"{_HF}self_attn.{x}_proj.{kind}" for x in "qkv")
 HF_CLIP = Scheme(
     name="hf_clip",
     anchor="vision_model.encoder.layers.0.mlp.fc1.weight",

@@ -8,14 +8,15 @@ shape/dtype/architecture mismatches, non-finite values, duplicates.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from tqdm import tqdm
 
 from wemoe.checkpoint import Checkpoint, open_checkpoint
+from wemoe.config import check_unique
 from wemoe.errors import WemoeError
 
 # Fine-tuned vision-only checkpoints (e.g. FusionBench's HF CLIPVisionModel ones)
@@ -59,34 +60,6 @@ def sha256_files(files: Sequence[Path]) -> str:
 
 def sha256_of(ckpt: Checkpoint) -> str:
     return sha256_files(ckpt.source.files())
-
-
-def per_task_paths(specs: Sequence[str], task_names: Sequence[str], flag: str) -> dict[str, str]:
-    """``--heads``/``--data`` values: each names one of the merged tasks, once."""
-    out: dict[str, str] = {}
-    for spec in specs:
-        name, path = parse_named(spec)
-        if name not in task_names:
-            raise WemoeError(f"{flag} names task '{name}', which is not among --tasks ({', '.join(task_names)})")
-        if name in out:
-            raise WemoeError(f"{flag} gives task '{name}' twice")
-        out[name] = path
-    return out
-
-
-def parse_named(spec: str) -> tuple[str, str]:
-    """``NAME=PATH`` or ``PATH`` (the name is then the file's stem)."""
-    if "=" in spec:
-        name, value = spec.split("=", 1)
-        if not name:
-            raise WemoeError(f"empty task name in '{spec}'")
-        return name, value
-    p = Path(spec.rstrip("/"))
-    stem = p.name
-    for suffix in (".safetensors", ".pt", ".pth", ".bin", ".npz"):
-        if stem.endswith(suffix):
-            stem = stem[: -len(suffix)]
-    return stem, spec
 
 
 def _check_finite(ckpt: Checkpoint, bar: tqdm | None) -> None:
@@ -150,10 +123,7 @@ def load_inputs(
     """Open every checkpoint and validate all of them; nothing is computed yet."""
     if not tasks:
         raise WemoeError("no task checkpoints given (use --tasks NAME=PATH ...)")
-    names = [n for n, _ in tasks]
-    for n in names:
-        if names.count(n) > 1:
-            raise WemoeError(f"task name '{n}' is given twice")
+    check_unique([n for n, _ in tasks], "task name")
     seen_paths: dict[Path, str] = {}
     for n, p in tasks:
         rp = Path(p).resolve()

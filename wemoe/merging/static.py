@@ -8,11 +8,9 @@ come (one task's tensor in memory at a time); TIES needs all of them at once.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
-
-from wemoe.errors import WemoeError
 
 
 def _sum_and_count(base: torch.Tensor, taus: Iterable[torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -63,23 +61,3 @@ def ties(base: torch.Tensor, taus: Iterable[torch.Tensor], lam: float, k_percent
     count = agree.sum(0).clamp(min=1)
     disjoint_mean = (trimmed * agree).sum(0) / count
     return base + lam * disjoint_mean
-
-
-StaticFn = Callable[[torch.Tensor, Iterable[torch.Tensor]], torch.Tensor]
-STATIC_METHODS = ("average", "task-arithmetic", "ties")
-DEFAULT_LAMBDA = {"task-arithmetic": 0.3, "ties": 1.0, "wemoe": 0.3}
-
-
-def static_method(name: str, lam: float | None = None, ties_k: float = 20.0) -> StaticFn:
-    """Bind a method's parameters; the engine then calls fn(base, taus) per tensor."""
-    if name == "average":
-        return average
-    if lam is None:
-        lam = DEFAULT_LAMBDA.get(name, 0.3)
-    if name == "task-arithmetic":
-        return lambda b, t: task_arithmetic(b, t, lam)
-    if name == "ties":
-        if not 0 < ties_k <= 100:
-            raise WemoeError(f"--ties-k must be in (0, 100], got {ties_k}")
-        return lambda b, t: ties(b, t, lam, ties_k)
-    raise WemoeError(f"unknown method '{name}' (known: {', '.join(STATIC_METHODS + ('wemoe',))})")

@@ -1,0 +1,5 @@
+"""``python -m wemoe`` (and ``torchrun -m wemoe``): the command line."""
+
+from wemoe.cli import main
+
+main()

@@ -1,0 +1,153 @@
+"""A wemoe output directory: what it holds, how it is written, how its record is read.
+
+Every command that writes (``merge``, ``export``) writes through
+:func:`write_output`; every command that reads one (``load``, ``eval``,
+``inspect``, ``export``, ``routes``) asks :func:`read_output`, which decides once
+whether a directory is a wemoe output and returns its typed, validated record.
+
+Layout::
+
+    model.safetensors           (or model-0000k-of-0000n.safetensors + model.safetensors.index.json)
+    config.json                 the record: format, version, method, parameters, architecture, inputs...
+    heads.safetensors           the task heads, when given
+    report.json                 timings and curves: the one file that differs between identical runs
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wemoe.arch import ViTArch
+from wemoe.errors import WemoeError
+from wemoe.io.output import Entry, config_metadata, write_json, write_model
+
+FORMAT = "wemoe"
+# methods whose output is a mixture-of-experts module (wemoe.load rebuilds it); every other
+# method writes a plain checkpoint in the base's key scheme
+MOE_METHODS = ("wemoe",)
+# Format versions by kind of output: plain checkpoints are unchanged since version 1; mixture-of-experts
+# checkpoints are at 2 (routed linears, wemoe 0.2), and version 1 ones (MLP-only keys, wemoe 0.1) are still read.
+FORMAT_VERSIONS = {"plain": 1, "moe": 2}
+FORMAT_VERSION = max(FORMAT_VERSIONS.values())
+
+
+def format_version(method: str) -> int:
+    return FORMAT_VERSIONS["moe" if method in MOE_METHODS else "plain"]
+CONFIG_FILE = "config.json"
+HEADS_FILE = "heads.safetensors"
+REPORT_FILE = "report.json"
+
+
+def write_output(
+    directory: Path,
+    config: dict[str, Any],
+    entries: list[Entry],
+    produce: Callable[[], Iterable[tuple[str, torch.Tensor]]],
+    heads: Mapping[str, Any] | None = None,
+    report: Callable[[], dict[str, Any]] | None = None,
+    shard_size: int | None = None,
+) -> list[str]:
+    """Write model file(s), heads, config.json and report.json into ``directory`` (a temporary one).
+
+    ``report`` is called after the model is written (so its timings include the writing).
+    """
+    from wemoe.heads import save_heads
+
+    files = write_model(directory, entries, produce, config_metadata(config), shard_size)
+    if heads:
+        save_heads(directory / HEADS_FILE, heads)
+    write_json(directory / CONFIG_FILE, config)
+    if report is not None:
+        write_json(directory / REPORT_FILE, {"files": files, **report()})
+    return files
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    """config.json of a wemoe output, validated."""
+
+    path: Path
+    raw: dict[str, Any]
+    format_version: int
+    method: str
+    architecture: ViTArch
+    scheme: str
+    prefix: str
+    tasks: list[str]
+    dtype: str
+    parameters: dict[str, Any]
+
+    @property
+    def is_moe(self) -> bool:
+        """A mixture-of-experts module (rebuilt by ``wemoe.load``), not a plain checkpoint."""
+        return self.method in MOE_METHODS
+
+    def section(self, name: str) -> dict[str, Any]:
+        value = self.raw.get(name)
+        if not isinstance(value, dict):
+            raise WemoeError(f"config.json has no '{name}' section", path=self.path)
+        return value
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        from wemoe.runtime import parse_dtype
+
+        return parse_dtype(self.dtype) or torch.float32
+
+    @property
+    def heads_path(self) -> Path | None:
+        p = self.path / HEADS_FILE
+        return p if p.is_file() else None
+
+
+def _field(cfg: dict[str, Any], key: str, kind: type | tuple[type, ...], path: Path) -> Any:
+    value = cfg.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise WemoeError(f"config.json: '{key}' is missing or of the wrong type", path=path)
+    return value
+
+
+def read_output(path: str | Path) -> OutputRecord | None:
+    """The record of a wemoe output directory; None when ``path`` is not one (another checkpoint)."""
+    p = Path(path)
+    cfg_path = p / CONFIG_FILE
+    if not p.is_dir() or not cfg_path.is_file():
+        return None
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WemoeError(f"cannot read config.json ({exc})", path=p) from None
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        return None  # e.g. a Hugging Face model folder
+    version = _field(cfg, "format_version", int, p)
+    if version > format_version(str(cfg.get("method"))):
+        raise WemoeError(f"format version {version} is newer than this wemoe understands; upgrade wemoe", path=p)
+    arch = ViTArch.from_dict(_field(cfg, "architecture", dict, p), source="wemoe config.json")
+    tasks = _field(cfg, "tasks", list, p)
+    if not all(isinstance(t, str) for t in tasks):
+        raise WemoeError("config.json: 'tasks' must be a list of names", path=p)
+    return OutputRecord(
+        path=p, raw=cfg, format_version=version, method=_field(cfg, "method", str, p), architecture=arch,
+        scheme=_field(cfg, "scheme", str, p), prefix=cfg.get("prefix") or "", tasks=list(tasks),
+        dtype=cfg.get("dtype") or "float32", parameters=cfg.get("parameters") or {},
+    )
+
+
+def require_output(path: str | Path, moe: bool | None = None) -> OutputRecord:
+    """The record of ``path``, refusing anything else (and a plain output where a MoE one is needed)."""
+    record = read_output(path)
+    if record is None:
+        raise WemoeError("not a wemoe output directory (no wemoe config.json)", path=path)
+    if moe is True and not record.is_moe:
+        raise WemoeError(f"a {record.method} output is a plain checkpoint, not a mixture of experts", path=path)
+    return record
+
+
+__all__ = ["CONFIG_FILE", "FORMAT", "FORMAT_VERSION", "HEADS_FILE", "MOE_METHODS", "OutputRecord", "REPORT_FILE",
+           "read_output", "require_output", "write_output"]
