@@ -92,8 +92,7 @@ def own_expert_ceiling(merged: Path, zoo: Zoo) -> dict[str, float]:
 
 def static(zoo: Zoo, work: Path, method: str, *extra) -> Path:
     out = work / "merged"
-    cli("merge", "--base", zoo.base, "--tasks", *[f"{t}={zoo.ckpt(t)}" for t in zoo.tasks], "--method", method,
-        "--out", out, "--force", "--quiet", *extra)
+    cli("merge", "--base", zoo.base, "--tasks", *[f"{t}={zoo.ckpt(t)}" for t in zoo.tasks], "--method", method, "--out", out, "--force", "--quiet", *extra)
     return out
 
 
@@ -133,31 +132,68 @@ def run(quick: bool, results_dir: Path, steps: int | None, cache: Path | None) -
         log("[3/4] static merges")
         methods["average"] = row(evaluate(static(zoo, work, "average"), zoo, zoo.tasks, work))
         best, scores = pick_lambda(zoo, work, "task-arithmetic", LAMBDA_GRID, val_limit, log)
-        methods["task-arithmetic"] = row(evaluate(static(zoo, work, "task-arithmetic", "--lambda", best), zoo, zoo.tasks, work),
-                                         **{"lambda": best, "validation": scores})
+        methods["task-arithmetic"] = row(
+            evaluate(static(zoo, work, "task-arithmetic", "--lambda", best), zoo, zoo.tasks, work), **{"lambda": best, "validation": scores}
+        )
         methods["task-arithmetic-0.3"] = row(evaluate(static(zoo, work, "task-arithmetic", "--lambda", 0.3), zoo, zoo.tasks, work), **{"lambda": 0.3})
         tbest, tscores = pick_lambda(zoo, work, "ties", TIES_LAMBDA_GRID, val_limit, log)
-        methods["ties"] = row(evaluate(static(zoo, work, "ties", "--lambda", tbest), zoo, zoo.tasks, work), **{"lambda": tbest, "ties_k": 20, "validation": tscores})
+        methods["ties"] = row(
+            evaluate(static(zoo, work, "ties", "--lambda", tbest), zoo, zoo.tasks, work), **{"lambda": tbest, "ties_k": 20, "validation": tscores}
+        )
         log("[4/4] WEMoE (router test-time adaptation on unlabeled test images)")
         n_steps = steps if steps is not None else (60 if quick else 100)
         wemoe_args = ["--method", "wemoe", "--lambda", best, "--steps", n_steps, "--lr", ADAPT_LR, "--batch-size", 16, "--seed", 0]
         t0 = time.perf_counter()
         merged = cache / "wemoe"  # kept: `wemoe.load("benchmarks/cache/zoo/wemoe")` works after the run
-        cli("merge", "--base", zoo.base, "--tasks", *[f"{t}={zoo.ckpt(t)}" for t in zoo.tasks],
-            "--heads", *[f"{t}={zoo.head(t)}" for t in zoo.tasks], "--data", *[f"{t}={zoo.data(t)}" for t in zoo.tasks],
-            "--out", merged, "--force", *wemoe_args)
+        cli(
+            "merge",
+            "--base",
+            zoo.base,
+            "--tasks",
+            *[f"{t}={zoo.ckpt(t)}" for t in zoo.tasks],
+            "--heads",
+            *[f"{t}={zoo.head(t)}" for t in zoo.tasks],
+            "--data",
+            *[f"{t}={zoo.data(t)}" for t in zoo.tasks],
+            "--out",
+            merged,
+            "--force",
+            *wemoe_args,
+        )
         adapt_s = time.perf_counter() - t0
         cfg = json.loads((merged / "config.json").read_text())
-        methods["wemoe"] = row(evaluate(merged, zoo, zoo.tasks, work, heads=False), steps=n_steps, seconds=round(adapt_s, 1),
-                               final_loss=cfg["wemoe"]["adaptation"]["final_loss"], initial_loss=cfg["wemoe"]["adaptation"]["initial_loss"],
-                               warnings=cfg["wemoe"]["adaptation"]["warnings"])
+        methods["wemoe"] = row(
+            evaluate(merged, zoo, zoo.tasks, work, heads=False),
+            steps=n_steps,
+            seconds=round(adapt_s, 1),
+            final_loss=cfg["wemoe"]["adaptation"]["final_loss"],
+            initial_loss=cfg["wemoe"]["adaptation"]["initial_loss"],
+            warnings=cfg["wemoe"]["adaptation"]["warnings"],
+        )
         methods["wemoe-own-expert"] = row(own_expert_ceiling(merged, zoo))
         heat = results_dir / ("routing_quick.png" if quick else "routing.png")
-        cli("routes", merged, "--task", *[f"{t}={zoo.data(t)}" for t in zoo.tasks], "--png", heat, "--json", heat.with_suffix(".json"), "--limit", 200, "--quiet")
+        cli(
+            "routes",
+            merged,
+            "--task",
+            *[f"{t}={zoo.data(t)}" for t in zoo.tasks],
+            "--png",
+            heat,
+            "--json",
+            heat.with_suffix(".json"),
+            "--limit",
+            200,
+            "--quiet",
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report = {"tasks": zoo.tasks, "methods": methods, "quick": quick, "seconds": round(time.perf_counter() - started, 1),
-              "zoo": json.loads((cache / "results.json").read_text()).get("recipe") if (cache / "results.json").exists() else None}
+    report = {
+        "tasks": zoo.tasks,
+        "methods": methods,
+        "quick": quick,
+        "seconds": round(time.perf_counter() - started, 1),
+        "zoo": json.loads((cache / "results.json").read_text()).get("recipe") if (cache / "results.json").exists() else None,
+    }
     write_results(report, results_dir, "accuracy_quick" if quick else "accuracy")
     return report
 
@@ -213,17 +249,23 @@ def markdown(report: dict) -> str:
             f"- Zoo recipe (`benchmarks/zoo/config.py`): up to {d['n_train']:,} train / {d['n_test']:,} test images per task; "
             f"prototype heads from {h['per_class']} images per class, logit scale {h['logit_scale']:g}; fine-tuning AdamW "
             f"lr {f['lr']:g}, {f['steps']} steps of {f['batch']} images"
-            + (f", plus {f['replay_batch']} pretraining-distribution replay images per step at alpha {f['replay_alpha']:g}"
-               if f.get("replay_alpha") else "")
+            + (f", plus {f['replay_batch']} pretraining-distribution replay images per step at alpha {f['replay_alpha']:g}" if f.get("replay_alpha") else "")
             + ". Every attempt and its numbers: `benchmarks/zoo/ATTEMPTS.md`."
         )
     return "\n".join(
-        [f"# Accuracy on the embedded zoo{' (quick)' if report['quick'] else ''}", "",
-         "Test accuracy (%) per task, each merged encoder evaluated with each task's own head. "
-         "Generated by `python -m benchmarks.accuracy" + (" --quick" if report["quick"] else "") + "`; do not edit by hand.", "",
-         *lines, "", *notes,
-         "- Lambdas for task arithmetic and TIES are chosen on labelled train images (validation), never on the test set.",
-         f"- Total run time: {report['seconds']} s.", ""]
+        [
+            f"# Accuracy on the embedded zoo{' (quick)' if report['quick'] else ''}",
+            "",
+            "Test accuracy (%) per task, each merged encoder evaluated with each task's own head. "
+            "Generated by `python -m benchmarks.accuracy" + (" --quick" if report["quick"] else "") + "`; do not edit by hand.",
+            "",
+            *lines,
+            "",
+            *notes,
+            "- Lambdas for task arithmetic and TIES are chosen on labelled train images (validation), never on the test set.",
+            f"- Total run time: {report['seconds']} s.",
+            "",
+        ]
     )
 
 
@@ -244,10 +286,18 @@ def update_readme(report: dict) -> None:
     if start not in text or end not in text:
         return
     body = markdown(report).split("\n", 2)[2].strip()
-    block = "\n".join([start, body, "", "![accuracy](benchmarks/results/accuracy.png)", "",
-                       "Routing on the zoo (mean routing weight per block and expert, per task's data): "
-                       "![routing heatmap](benchmarks/results/routing.png)", end])
-    readme.write_text(text[: text.index(start)] + block + text[text.index(end) + len(end):])
+    block = "\n".join(
+        [
+            start,
+            body,
+            "",
+            "![accuracy](benchmarks/results/accuracy.png)",
+            "",
+            "Routing on the zoo (mean routing weight per block and expert, per task's data): ![routing heatmap](benchmarks/results/routing.png)",
+            end,
+        ]
+    )
+    readme.write_text(text[: text.index(start)] + block + text[text.index(end) + len(end) :])
 
 
 def plot(report: dict, path: Path) -> None:

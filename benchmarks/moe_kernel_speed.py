@@ -97,7 +97,8 @@ def main(argv=None):
     p.add_argument("--tile", type=int, default=None)
     p.add_argument("--sweep", action="store_true", help="also time a few (chunk, tile) pairs, forward only")
     p.add_argument(
-        "--compare-intra-op", action="store_true",
+        "--compare-intra-op",
+        action="store_true",
         help="also time the forward with tiles run on intra-op (OpenMP) threads instead of the worker pool",
     )
     a = p.parse_args(argv)
@@ -154,10 +155,7 @@ def main(argv=None):
         bt["plain"] = min(bt["plain"], timed(plain_step))
         bt["moe"] = min(bt["moe"], timed(moe_step))
     print(f"plain MLP forward+backward : {bt['plain'] * scale:7.2f} s / 12 layers (weights and input require grad)")
-    print(
-        f"WEMoE forward+backward     : {bt['moe'] * scale:7.2f} s / 12 layers   ratio {bt['moe'] / bt['plain']:.2f}x "
-        f"(grads to routers and input)"
-    )
+    print(f"WEMoE forward+backward     : {bt['moe'] * scale:7.2f} s / 12 layers   ratio {bt['moe'] / bt['plain']:.2f}x (grads to routers and input)")
 
     if a.compare_intra_op:
         from wemoe.model import kernels as moe_module

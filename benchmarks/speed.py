@@ -55,8 +55,16 @@ def make_checkpoints(arch: str, experts: int, directory: Path) -> tuple[Path, li
         return base_path, task_paths
     torch.manual_seed(0)
     act = QuickGELU if a["activation"] == "quick_gelu" else torch.nn.GELU
-    model = VisionTransformer(image_size=a["image_size"], patch_size=a["patch_size"], width=a["width"], layers=a["depth"],
-                              heads=a["heads"], mlp_ratio=a["mlp_width"] / a["width"], output_dim=a["embed_dim"], act_layer=act)
+    model = VisionTransformer(
+        image_size=a["image_size"],
+        patch_size=a["patch_size"],
+        width=a["width"],
+        layers=a["depth"],
+        heads=a["heads"],
+        mlp_ratio=a["mlp_width"] / a["width"],
+        output_dim=a["embed_dim"],
+        act_layer=act,
+    )
     base = {"visual." + k: v.detach().contiguous() for k, v in model.state_dict().items()}
     del model
     if not base_path.exists():
@@ -108,13 +116,34 @@ def stage_merges(base: Path, tasks: list[Path], work: Path, threads: int) -> dic
     res = {}
     for method in ("task-arithmetic", "wemoe"):
         out = work / f"merged-{method}"
-        cmd = [sys.executable, "-m", "wemoe.cli", "merge", "--base", str(base), "--tasks", *map(str, tasks), "--method", method,
-               "--out", str(out), "--force", "--quiet", "--device", "cpu"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "wemoe.cli",
+            "merge",
+            "--base",
+            str(base),
+            "--tasks",
+            *map(str, tasks),
+            "--method",
+            method,
+            "--out",
+            str(out),
+            "--force",
+            "--quiet",
+            "--device",
+            "cpu",
+        ]
         env_threads = ["env", f"OMP_NUM_THREADS={threads}"]
         wall, rss, _ = measure(env_threads + cmd)
         ref = dir_size(out) + tasks[0].stat().st_size
-        res[method] = {"seconds": round(wall, 2), "peak_rss_gb": round(_gb(rss), 3), "output_gb": round(_gb(dir_size(out)), 3),
-                       "input_gb": round(_gb(tasks[0].stat().st_size), 3), "rss_ratio": round(rss / ref, 3)}
+        res[method] = {
+            "seconds": round(wall, 2),
+            "peak_rss_gb": round(_gb(rss), 3),
+            "output_gb": round(_gb(dir_size(out)), 3),
+            "input_gb": round(_gb(tasks[0].stat().st_size), 3),
+            "rss_ratio": round(rss / ref, 3),
+        }
     return res
 
 
@@ -164,9 +193,15 @@ def child_inference(model_dir: str, base: str, batch: int, naive_samples: int, t
             y_naive = naive(xs, merge)
             scaled[merge] = (time.perf_counter() - t0) * batch / naive_samples
             rels.append(((y[:naive_samples] - y_naive).norm() / y_naive.norm()).item())
-    return {"plain_s": t_plain, "wemoe_s": t_moe, "naive_s_scaled": min(scaled.values()),
-            "naive_loop_s_scaled": scaled["loop"], "naive_einsum_s_scaled": scaled["einsum"],
-            "naive_samples": naive_samples, "max_rel_diff": max(rels)}
+    return {
+        "plain_s": t_plain,
+        "wemoe_s": t_moe,
+        "naive_s_scaled": min(scaled.values()),
+        "naive_loop_s_scaled": scaled["loop"],
+        "naive_einsum_s_scaled": scaled["einsum"],
+        "naive_samples": naive_samples,
+        "max_rel_diff": max(rels),
+    }
 
 
 def child_step(model_dir: str, base: str, per_task: int, threads: int) -> dict:
@@ -288,8 +323,7 @@ def shortfall_notes(r: dict) -> list[str]:
     if q["forward_vs_naive"] < GOALS["forward_vs_naive"]:
         naive_vs_plain = r["inference"]["naive_s_scaled"] / r["inference"]["plain_s"]
         needed = naive_vs_plain / GOALS["forward_vs_naive"]
-        why = ("i.e. faster than the model it extends" if needed < 1
-               else f"while it runs at {q['forward_vs_plain']:.2f}x (the forward row above)")
+        why = "i.e. faster than the model it extends" if needed < 1 else f"while it runs at {q['forward_vs_plain']:.2f}x (the forward row above)"
         notes.append(
             f"Less than 10x faster than the naive loop: on this CPU the loop itself costs {naive_vs_plain:.1f}x the plain "
             f"batched ViT (batch-1 GEMMs plus one weight merge per sample), so 10x would need WEMoE at "
@@ -304,8 +338,7 @@ def shortfall_notes(r: dict) -> list[str]:
             "per-tensor working set."
         )
     if q["merge_rss_wemoe"] > GOALS["merge_rss"]:
-        notes.append("WEMoE build peak RSS above 1.3x: the whole upscaled model is held in memory before it is written, "
-                     "and torch itself is ~0.5 GB resident.")
+        notes.append("WEMoE build peak RSS above 1.3x: the whole upscaled model is held in memory before it is written, and torch itself is ~0.5 GB resident.")
     return notes
 
 
@@ -324,16 +357,18 @@ def readme_summary(results_dir: Path) -> str:
             f"| {r['inference']['max_rel_diff']:.1e} | {r.get('machine', 'not recorded')} |"
         )
     first = results[0][1]
-    return "\n".join([
-        f"Generated by `python -m benchmarks.speed` from `benchmarks/results/speed*.json` ({first['device']}, {first['threads']} threads); "
-        "ratios measured within one run. Goals: forward <= 2x plain, >= 10x faster than the faster naive "
-        "per-sample loop, step <= 3x plain, merge peak RSS <= 1.3x (output + one input), "
-        "difference <= 1e-5.",
-        "",
-        "| configuration | WEMoE fwd / plain | naive loop / WEMoE | adapt step / plain fwd+bwd | merge RSS TA / WEMoE | rel. diff | machine |",
-        "|---|---|---|---|---|---|---|",
-        *rows,
-    ])
+    return "\n".join(
+        [
+            f"Generated by `python -m benchmarks.speed` from `benchmarks/results/speed*.json` ({first['device']}, {first['threads']} threads); "
+            "ratios measured within one run. Goals: forward <= 2x plain, >= 10x faster than the faster naive "
+            "per-sample loop, step <= 3x plain, merge peak RSS <= 1.3x (output + one input), "
+            "difference <= 1e-5.",
+            "",
+            "| configuration | WEMoE fwd / plain | naive loop / WEMoE | adapt step / plain fwd+bwd | merge RSS TA / WEMoE | rel. diff | machine |",
+            "|---|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
 
 
 def update_readme(results_dir: Path) -> None:
@@ -342,7 +377,7 @@ def update_readme(results_dir: Path) -> None:
     start, end = "<!-- speed:start -->", "<!-- speed:end -->"
     body = readme_summary(results_dir)
     if start in text and end in text and body:
-        readme.write_text(text[: text.index(start)] + start + "\n" + body + "\n" + text[text.index(end):])
+        readme.write_text(text[: text.index(start)] + start + "\n" + body + "\n" + text[text.index(end) :])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -375,8 +410,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"checkpoints: {work}", flush=True)
     # In a child too: a forked child's ru_maxrss starts from its parent's RSS (and survives
     # exec), so the parent must stay small for the children's peaks to be their own.
-    made = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--stage", "checkpoints", "--arch", args.arch,
-                           "--experts", str(args.experts), "--model", str(work)], cwd=REPO, check=True, capture_output=True, text=True)
+    made = subprocess.run(
+        [sys.executable, "-m", "benchmarks.speed", "--stage", "checkpoints", "--arch", args.arch, "--experts", str(args.experts), "--model", str(work)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     paths = json.loads(made.stdout.strip().splitlines()[-1])
     base, tasks = Path(paths["base"]), [Path(t) for t in paths["tasks"]]
     print("(a) merges", flush=True)
@@ -391,18 +431,29 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     result = {
-        "arch": args.arch, "experts": args.experts, "batch": args.batch, "threads": args.threads,
-        "device": "cpu", "machine": machine_description(), "command": "python -m benchmarks.speed " + " ".join(a for a in (argv or sys.argv[1:])),
-        "merge": merges, "inference": json.loads(out_b.strip().splitlines()[-1]), "step": json.loads(out_c.strip().splitlines()[-1]),
-        "inference_rss_gb": _gb(rss_b), "step_rss_gb": _gb(rss_c), "torch": torch.__version__,
+        "arch": args.arch,
+        "experts": args.experts,
+        "batch": args.batch,
+        "threads": args.threads,
+        "device": "cpu",
+        "machine": machine_description(),
+        "command": "python -m benchmarks.speed " + " ".join(a for a in (argv or sys.argv[1:])),
+        "merge": merges,
+        "inference": json.loads(out_b.strip().splitlines()[-1]),
+        "step": json.loads(out_c.strip().splitlines()[-1]),
+        "inference_rss_gb": _gb(rss_b),
+        "step_rss_gb": _gb(rss_c),
+        "torch": torch.__version__,
     }
     b, c = result["inference"], result["step"]
     result["ratios"] = {
-        "forward_vs_naive": b["naive_s_scaled"] / b["wemoe_s"], "forward_vs_einsum_loop": b["naive_einsum_s_scaled"] / b["wemoe_s"],
+        "forward_vs_naive": b["naive_s_scaled"] / b["wemoe_s"],
+        "forward_vs_einsum_loop": b["naive_einsum_s_scaled"] / b["wemoe_s"],
         "forward_vs_expert_loop": b["naive_loop_s_scaled"] / b["wemoe_s"],
         "forward_vs_plain": b["wemoe_s"] / b["plain_s"],
         "step_vs_plain": c["wemoe_step_s"] / c["plain_fwd_bwd_s"],
-        "merge_rss_task_arithmetic": merges["task-arithmetic"]["rss_ratio"], "merge_rss_wemoe": merges["wemoe"]["rss_ratio"],
+        "merge_rss_task_arithmetic": merges["task-arithmetic"]["rss_ratio"],
+        "merge_rss_wemoe": merges["wemoe"]["rss_ratio"],
     }
     result["notes"] = shortfall_notes(result)
     args.results.mkdir(parents=True, exist_ok=True)

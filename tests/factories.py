@@ -18,8 +18,17 @@ def timm_vit(seed: int = 0, act: str = "gelu") -> nn.Module:
 
     torch.manual_seed(seed)
     return VisionTransformer(
-        img_size=IMAGE, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS, mlp_ratio=4,
-        pre_norm=True, norm_layer=nn.LayerNorm, act_layer=act, num_classes=EMBED, global_pool="token",
+        img_size=IMAGE,
+        patch_size=PATCH,
+        embed_dim=WIDTH,
+        depth=DEPTH,
+        num_heads=HEADS,
+        mlp_ratio=4,
+        pre_norm=True,
+        norm_layer=nn.LayerNorm,
+        act_layer=act,
+        num_classes=EMBED,
+        global_pool="token",
     ).eval()
 
 
@@ -60,23 +69,41 @@ def hf_state_from_open_clip(oc: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         o, h = f"transformer.resblocks.{n}.", f"vision_model.encoder.layers.{n}."
         q, k, v = oc[o + "attn.in_proj_weight"].chunk(3)
         qb, kb, vb = oc[o + "attn.in_proj_bias"].chunk(3)
-        hf.update({
-            h + "layer_norm1.weight": oc[o + "ln_1.weight"], h + "layer_norm1.bias": oc[o + "ln_1.bias"],
-            h + "self_attn.q_proj.weight": q, h + "self_attn.k_proj.weight": k, h + "self_attn.v_proj.weight": v,
-            h + "self_attn.q_proj.bias": qb, h + "self_attn.k_proj.bias": kb, h + "self_attn.v_proj.bias": vb,
-            h + "self_attn.out_proj.weight": oc[o + "attn.out_proj.weight"], h + "self_attn.out_proj.bias": oc[o + "attn.out_proj.bias"],
-            h + "layer_norm2.weight": oc[o + "ln_2.weight"], h + "layer_norm2.bias": oc[o + "ln_2.bias"],
-            h + "mlp.fc1.weight": oc[o + "mlp.c_fc.weight"], h + "mlp.fc1.bias": oc[o + "mlp.c_fc.bias"],
-            h + "mlp.fc2.weight": oc[o + "mlp.c_proj.weight"], h + "mlp.fc2.bias": oc[o + "mlp.c_proj.bias"],
-        })
+        hf.update(
+            {
+                h + "layer_norm1.weight": oc[o + "ln_1.weight"],
+                h + "layer_norm1.bias": oc[o + "ln_1.bias"],
+                h + "self_attn.q_proj.weight": q,
+                h + "self_attn.k_proj.weight": k,
+                h + "self_attn.v_proj.weight": v,
+                h + "self_attn.q_proj.bias": qb,
+                h + "self_attn.k_proj.bias": kb,
+                h + "self_attn.v_proj.bias": vb,
+                h + "self_attn.out_proj.weight": oc[o + "attn.out_proj.weight"],
+                h + "self_attn.out_proj.bias": oc[o + "attn.out_proj.bias"],
+                h + "layer_norm2.weight": oc[o + "ln_2.weight"],
+                h + "layer_norm2.bias": oc[o + "ln_2.bias"],
+                h + "mlp.fc1.weight": oc[o + "mlp.c_fc.weight"],
+                h + "mlp.fc1.bias": oc[o + "mlp.c_fc.bias"],
+                h + "mlp.fc2.weight": oc[o + "mlp.c_proj.weight"],
+                h + "mlp.fc2.bias": oc[o + "mlp.c_proj.bias"],
+            }
+        )
     return {k: v.contiguous() for k, v in hf.items()}
 
 
 def hf_config() -> dict:
     return {
-        "model_type": "clip_vision_model", "hidden_size": WIDTH, "num_hidden_layers": DEPTH, "num_attention_heads": HEADS,
-        "patch_size": PATCH, "image_size": IMAGE, "intermediate_size": 4 * WIDTH, "hidden_act": "gelu",
-        "projection_dim": EMBED, "layer_norm_eps": 1e-5,
+        "model_type": "clip_vision_model",
+        "hidden_size": WIDTH,
+        "num_hidden_layers": DEPTH,
+        "num_attention_heads": HEADS,
+        "patch_size": PATCH,
+        "image_size": IMAGE,
+        "intermediate_size": 4 * WIDTH,
+        "hidden_act": "gelu",
+        "projection_dim": EMBED,
+        "layer_norm_eps": 1e-5,
     }
 
 

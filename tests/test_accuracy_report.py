@@ -1,4 +1,5 @@
 """The accuracy report states the zoo recipe it was measured on, read from the run's JSON."""
+
 from __future__ import annotations
 
 import copy
@@ -12,8 +13,13 @@ from benchmarks.zoo import config
 
 def report(zoo: dict | None) -> dict:
     row = {"per_task": {"a": 0.5, "b": 0.75}, "average": 0.625}
-    return {"tasks": ["a", "b"], "quick": False, "seconds": 1.0, "zoo": zoo,
-            "methods": {"pretrained": row, "individual": {"per_task": {"a": 1.0, "b": 0.5}, "average": 0.75}}}
+    return {
+        "tasks": ["a", "b"],
+        "quick": False,
+        "seconds": 1.0,
+        "zoo": zoo,
+        "methods": {"pretrained": row, "individual": {"per_task": {"a": 1.0, "b": 0.5}, "average": 0.75}},
+    }
 
 
 def test_recipe_line_names_the_fine_tuning_and_replay() -> None:

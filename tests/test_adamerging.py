@@ -41,9 +41,26 @@ def setup(tmp_path_factory):
 
 def merge(capsys, setup, name, *extra):
     tmp, base, tasks, _, _, heads, data = setup
-    return run_cli(capsys, "merge", "--base", base, "--tasks", *[f"t{i}={p}" for i, p in enumerate(tasks)], "--method", "adamerging",
-                   "--heads", *[f"{k}={v}" for k, v in heads.items()], "--data", *[f"{k}={v}" for k, v in data.items()],
-                   "--out", tmp / name, "--seed", str(SEED), "-q", *extra)
+    return run_cli(
+        capsys,
+        "merge",
+        "--base",
+        base,
+        "--tasks",
+        *[f"t{i}={p}" for i, p in enumerate(tasks)],
+        "--method",
+        "adamerging",
+        "--heads",
+        *[f"{k}={v}" for k, v in heads.items()],
+        "--data",
+        *[f"{k}={v}" for k, v in data.items()],
+        "--out",
+        tmp / name,
+        "--seed",
+        str(SEED),
+        "-q",
+        *extra,
+    )
 
 
 def reference_adamerging(base_state, states, heads, data, granularity, steps, lr, batch):
@@ -81,8 +98,7 @@ def reference_adamerging(base_state, states, heads, data, granularity, steps, lr
 @pytest.mark.parametrize("granularity", ["task", "layer"])
 def test_coefficients_and_checkpoint_equal_reference(setup, capsys, granularity):
     tmp, base, tasks, base_state, states, heads, data = setup
-    code, _, err = merge(capsys, setup, f"ada-{granularity}", "--granularity", granularity, "--steps", "4", "--lr", "0.02",
-                         "--batch-size", "6")
+    code, _, err = merge(capsys, setup, f"ada-{granularity}", "--granularity", granularity, "--steps", "4", "--lr", "0.02", "--batch-size", "6")
     assert code == 0, err
     cfg = json.loads((tmp / f"ada-{granularity}" / "config.json").read_text())
     assert cfg["method"] == "adamerging" and cfg["parameters"]["granularity"] == granularity
@@ -111,8 +127,9 @@ def test_zero_steps_is_task_arithmetic_bit_for_bit(setup, capsys):
     tmp, base, tasks, _, _, _, _ = setup
     code, _, err = merge(capsys, setup, "ada-0", "--steps", "0")
     assert code == 0, err
-    code, _, err = run_cli(capsys, "merge", "--base", base, "--tasks", *[f"t{i}={p}" for i, p in enumerate(tasks)],
-                           "--lambda", "0.3", "--out", tmp / "ta-0.3", "-q")
+    code, _, err = run_cli(
+        capsys, "merge", "--base", base, "--tasks", *[f"t{i}={p}" for i, p in enumerate(tasks)], "--lambda", "0.3", "--out", tmp / "ta-0.3", "-q"
+    )
     assert code == 0, err
     a, _ = load_tensors(tmp / "ada-0" / "model.safetensors")
     b, _ = load_tensors(tmp / "ta-0.3" / "model.safetensors")
@@ -123,10 +140,24 @@ def test_adamerging_refusals(setup, capsys):
     tmp, base, tasks, _, _, heads, data = setup
     code, _, err = merge(capsys, setup, "bad1", "--granularity", "block")
     assert_one_line_error(code, err, "--granularity must be one of task, layer")
-    code, _, err = run_cli(capsys, "merge", "--base", base, "--tasks", *[f"t{i}={p}" for i, p in enumerate(tasks)],
-                           "--method", "adamerging", "--data", f"t0={data['t0']}", "--out", tmp / "bad2", "-q")
+    code, _, err = run_cli(
+        capsys,
+        "merge",
+        "--base",
+        base,
+        "--tasks",
+        *[f"t{i}={p}" for i, p in enumerate(tasks)],
+        "--method",
+        "adamerging",
+        "--data",
+        f"t0={data['t0']}",
+        "--out",
+        tmp / "bad2",
+        "-q",
+    )
     assert_one_line_error(code, err, "--data for task 't0' needs its head")
-    code, _, err = run_cli(capsys, "merge", "--base", base, "--tasks", *map(str, tasks), "--method", "task-arithmetic",
-                           "--granularity", "task", "--out", tmp / "bad3", "-q")
+    code, _, err = run_cli(
+        capsys, "merge", "--base", base, "--tasks", *map(str, tasks), "--method", "task-arithmetic", "--granularity", "task", "--out", tmp / "bad3", "-q"
+    )
     assert_one_line_error(code, err, "--granularity only applies to --method adamerging")
     assert not any((tmp / n).exists() for n in ("bad1", "bad2", "bad3"))

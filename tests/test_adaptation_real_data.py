@@ -33,8 +33,15 @@ def build_small_zoo(tmp: Path) -> Path:
     torch.manual_seed(0)
     base = load_encoder(str(BASE))
     _, meta = load_state(str(BASE))
-    arch = {"image_size": 32, "patch_size": int(meta["patch_size"]), "width": int(meta["width"]), "layers": int(meta["layers"]),
-            "heads": int(meta["heads"]), "mlp_ratio": float(meta.get("mlp_ratio", 4.0)), "output_dim": int(meta.get("output_dim", 0))}
+    arch = {
+        "image_size": 32,
+        "patch_size": int(meta["patch_size"]),
+        "width": int(meta["width"]),
+        "layers": int(meta["layers"]),
+        "heads": int(meta["heads"]),
+        "mlp_ratio": float(meta.get("mlp_ratio", 4.0)),
+        "output_dim": int(meta.get("output_dim", 0)),
+    }
     cfg = {"steps": 40, "batch": 32, "lr": 1e-3, "warmup": 5, "weight_decay": 0.0, "max_shift": 1}
     for i, t in enumerate(TASKS):
         d = zoo_ds.build_task(t, 400, 200, seed=0)
@@ -48,8 +55,23 @@ def build_small_zoo(tmp: Path) -> Path:
 
 
 def _merge_and_eval(capsys, z: Path, out: str, *extra: str) -> tuple[dict, dict]:
-    args = ["merge", "--base", BASE, "--tasks", *[f"{t}={z / t}.safetensors" for t in TASKS], "--method", "wemoe",
-            "--heads", *[f"{t}={z / f'head_{t}.safetensors'}" for t in TASKS], "--out", z / out, "-q", "--seed", "0", *extra]
+    args = [
+        "merge",
+        "--base",
+        BASE,
+        "--tasks",
+        *[f"{t}={z / t}.safetensors" for t in TASKS],
+        "--method",
+        "wemoe",
+        "--heads",
+        *[f"{t}={z / f'head_{t}.safetensors'}" for t in TASKS],
+        "--out",
+        z / out,
+        "-q",
+        "--seed",
+        "0",
+        *extra,
+    ]
     code, _, err = run_cli(capsys, *args)
     assert code == 0, err
     code, _, err = run_cli(capsys, "eval", z / out, "--task", *[f"{t}=:{z / t}.npz" for t in TASKS], "--json", z / f"{out}.json", "-q")
@@ -60,8 +82,7 @@ def _merge_and_eval(capsys, z: Path, out: str, *extra: str) -> tuple[dict, dict]
 def test_adaptation_lowers_entropy_and_raises_accuracy(small_zoo, capsys):
     z = small_zoo
     _, untrained = _merge_and_eval(capsys, z, "untrained")
-    cfg, adapted = _merge_and_eval(capsys, z, "adapted", "--data", *[f"{t}={z / t}.npz" for t in TASKS],
-                                   "--steps", "100", "--lr", "5e-3", "--batch-size", "32")
+    cfg, adapted = _merge_and_eval(capsys, z, "adapted", "--data", *[f"{t}={z / t}.npz" for t in TASKS], "--steps", "100", "--lr", "5e-3", "--batch-size", "32")
     ad = cfg["wemoe"]["adaptation"]
     assert ad["final_loss"] < ad["initial_loss"]
     assert adapted["average"] > untrained["average"], (untrained, adapted)
@@ -72,9 +93,30 @@ def test_unguarded_adaptation_collapse_is_detected(small_zoo, capsys):
     """Without the coefficient guard, a large learning rate drives routing negative:
     the run must say so (this is the measurement behind the default --coef-range 0,1)."""
     z = small_zoo
-    args = ["merge", "--base", BASE, "--tasks", *[f"{t}={z / t}.safetensors" for t in TASKS], "--method", "wemoe",
-            "--heads", *[f"{t}={z / f'head_{t}.safetensors'}" for t in TASKS], "--data", *[f"{t}={z / t}.npz" for t in TASKS],
-            "--out", z / "unguarded", "-q", "--steps", "40", "--lr", "5e-3", "--batch-size", "32", "--coef-range", "none"]
+    args = [
+        "merge",
+        "--base",
+        BASE,
+        "--tasks",
+        *[f"{t}={z / t}.safetensors" for t in TASKS],
+        "--method",
+        "wemoe",
+        "--heads",
+        *[f"{t}={z / f'head_{t}.safetensors'}" for t in TASKS],
+        "--data",
+        *[f"{t}={z / t}.npz" for t in TASKS],
+        "--out",
+        z / "unguarded",
+        "-q",
+        "--steps",
+        "40",
+        "--lr",
+        "5e-3",
+        "--batch-size",
+        "32",
+        "--coef-range",
+        "none",
+    ]
     code, _, err = run_cli(capsys, *args)
     assert code == 0, err
     assert "warning" in err and "--coef-range" in err

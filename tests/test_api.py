@@ -26,33 +26,58 @@ def same_files(a, b):
             assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
-@pytest.mark.parametrize("method,params", [
-    ("task-arithmetic", {"lam": 0.4}),
-    ("ties", {"lam": 0.7, "ties_k": 30}),
-    ("adamerging", {"granularity": "task", "steps": 3, "lr": 1e-2, "batch_size": 4}),
-    ("wemoe", {"steps": 2, "lr": 1e-3, "batch_size": 4, "moe_blocks": "last:1"}),
-])
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("task-arithmetic", {"lam": 0.4}),
+        ("ties", {"lam": 0.7, "ties_k": 30}),
+        ("adamerging", {"granularity": "task", "steps": 3, "lr": 1e-2, "batch_size": 4}),
+        ("wemoe", {"steps": 2, "lr": 1e-3, "batch_size": 4, "moe_blocks": "last:1"}),
+    ],
+)
 def test_api_and_cli_write_identical_outputs(setup, capsys, method, params):
     tmp, base, tasks, heads, data = setup
     names = {f"t{i}": str(p) for i, p in enumerate(tasks)}
     adapts = method in ("adamerging", "wemoe")
-    api_out = wemoe.merge(base=base, tasks=names, method=method, out=tmp / f"{method}-api", heads=heads,
-                          data=data if adapts else None, seed=3, quiet=True, **params)
+    api_out = wemoe.merge(
+        base=base, tasks=names, method=method, out=tmp / f"{method}-api", heads=heads, data=data if adapts else None, seed=3, quiet=True, **params
+    )
     assert api_out == tmp / f"{method}-api"
     flags = []
     for key, value in params.items():
         flags += ["--" + ("lambda" if key == "lam" else key.replace("_", "-")), str(value)]
-    code, _, err = run_cli(capsys, "merge", "--base", base, "--tasks", *[f"{n}={p}" for n, p in names.items()],
-                           "--method", method, "--out", tmp / f"{method}-cli", "--heads", *[f"{n}={p}" for n, p in heads.items()],
-                           *(["--data", *[f"{n}={p}" for n, p in data.items()]] if adapts else []), "--seed", "3", "-q", *flags)
+    code, _, err = run_cli(
+        capsys,
+        "merge",
+        "--base",
+        base,
+        "--tasks",
+        *[f"{n}={p}" for n, p in names.items()],
+        "--method",
+        method,
+        "--out",
+        tmp / f"{method}-cli",
+        "--heads",
+        *[f"{n}={p}" for n, p in heads.items()],
+        *(["--data", *[f"{n}={p}" for n, p in data.items()]] if adapts else []),
+        "--seed",
+        "3",
+        "-q",
+        *flags,
+    )
     assert code == 0, err
     same_files(api_out, tmp / f"{method}-cli")
 
 
 def test_api_from_yaml_with_overrides(setup):
     tmp, base, tasks, heads, _ = setup
-    cfg = {"base": str(base), "method": "task-arithmetic", "lambda": 0.2, "out": "from-yaml",
-           "tasks": {f"t{i}": {"checkpoint": str(p), "head": heads[f"t{i}"]} for i, p in enumerate(tasks)}}
+    cfg = {
+        "base": str(base),
+        "method": "task-arithmetic",
+        "lambda": 0.2,
+        "out": "from-yaml",
+        "tasks": {f"t{i}": {"checkpoint": str(p), "head": heads[f"t{i}"]} for i, p in enumerate(tasks)},
+    }
     (tmp / "m.yaml").write_text(yaml.safe_dump(cfg))
     out = wemoe.merge(config=tmp / "m.yaml", quiet=True, **{"lambda": 0.25})
     assert out == tmp / "from-yaml"

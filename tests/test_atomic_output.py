@@ -94,8 +94,9 @@ def test_disk_full_is_one_line_naming_the_output(z, capsys, monkeypatch):
 
 def _start_slow(z, out: Path, *extra) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    return subprocess.Popen([sys.executable, "-c", SLOW_CLI, *merge_args(z, out, *extra)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", SLOW_CLI, *merge_args(z, out, *extra)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _wait_for_writing(proc: subprocess.Popen, parent: Path, name: str, timeout: float = 60.0) -> Path:

@@ -22,7 +22,17 @@ def test_yaml_config_for_merge_and_eval_with_overrides(tmp_path, capsys):
         spec[f"task{i}"] = {"checkpoint": f"ck/{p.name}", "head": f"ck/h{i}.safetensors", "data": f"ck/d{i}.npz"}
     cfg = {"base": f"ck/{base.name}", "method": "task-arithmetic", "lambda": 0.25, "out": "merged", "tasks": spec, "eval": {"batch_size": 7}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-    code, _, err = run_cli(capsys, "merge", "--config", tmp_path / "run.yaml", "--lambda", "0.5", "--heads", *[f"task{i}={tmp_path / 'ck' / f'h{i}.safetensors'}" for i in range(2)], "-q")
+    code, _, err = run_cli(
+        capsys,
+        "merge",
+        "--config",
+        tmp_path / "run.yaml",
+        "--lambda",
+        "0.5",
+        "--heads",
+        *[f"task{i}={tmp_path / 'ck' / f'h{i}.safetensors'}" for i in range(2)],
+        "-q",
+    )
     assert code == 0, err
     written = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert written["parameters"]["lambda"] == 0.5 and written["tasks"] == ["task0", "task1"] and written["heads"] == ["task0", "task1"]

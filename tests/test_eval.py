@@ -22,7 +22,7 @@ def digits(n_train=600, n_test=300):
 
     d = load_digits()
     x = (d.images * (255.0 / 16.0)).round().astype(np.uint8)
-    return x[:n_train], d.target[:n_train], x[n_train:n_train + n_test], d.target[n_train:n_train + n_test]
+    return x[:n_train], d.target[:n_train], x[n_train : n_train + n_test], d.target[n_train : n_train + n_test]
 
 
 def reference_features(model, x_uint8):

@@ -64,8 +64,18 @@ def z(tmp_path_factory):
         (folder / str(c)).mkdir(parents=True)
         Image.fromarray(x[c]).save(folder / str(c) / "a.png")
     return SimpleNamespace(
-        tmp=tmp, base=base, tasks=tasks, base_state=base_state, states=states, head=head, data=data, folder=folder,
-        x=x, y=y, header=split_safetensors(tasks[0]), n=0,
+        tmp=tmp,
+        base=base,
+        tasks=tasks,
+        base_state=base_state,
+        states=states,
+        head=head,
+        data=data,
+        folder=folder,
+        x=x,
+        y=y,
+        header=split_safetensors(tasks[0]),
+        n=0,
     )
 
 
@@ -342,6 +352,7 @@ def test_missing_extra_dtype_nonfinite(z, capsys):
     p = _state(z, lambda s: s.update({k: v.to(torch.bfloat16) for k, v in s.items() if v.is_floating_point()}), "all_bf16")
     merge_refused(capsys, z, [str(p)], "all_bf16.safetensors", "dtype")
     for value, word in ((float("nan"), "NaN"), (float("inf"), "Inf"), (float("-inf"), "Inf")):
+
         def poison(s, value=value):
             t = s["visual.proj"].clone()
             t[1, 2] = value
@@ -373,9 +384,15 @@ def test_same_checkpoint_twice_and_no_tasks(z, capsys):
 def test_unknown_scheme_and_arch(z, capsys):
     g = torch.Generator().manual_seed(0)
     resnet = {
-        "conv1.weight": torch.randn(8, 3, 7, 7, generator=g), "bn1.weight": torch.ones(8), "bn1.bias": torch.zeros(8),
-        "bn1.running_mean": torch.zeros(8), "bn1.running_var": torch.ones(8), "bn1.num_batches_tracked": torch.tensor(0),
-        "layer1.0.conv1.weight": torch.randn(8, 8, 3, 3, generator=g), "fc.weight": torch.randn(10, 8, generator=g), "fc.bias": torch.zeros(10),
+        "conv1.weight": torch.randn(8, 3, 7, 7, generator=g),
+        "bn1.weight": torch.ones(8),
+        "bn1.bias": torch.zeros(8),
+        "bn1.running_mean": torch.zeros(8),
+        "bn1.running_var": torch.ones(8),
+        "bn1.num_batches_tracked": torch.tensor(0),
+        "layer1.0.conv1.weight": torch.randn(8, 8, 3, 3, generator=g),
+        "fc.weight": torch.randn(10, 8, generator=g),
+        "fc.bias": torch.zeros(10),
     }
     p = write(z.tmp / "resnet.safetensors", resnet)
     merge_refused(capsys, z, [str(p)], "resnet.safetensors", "unrecognised key scheme")
@@ -476,7 +493,9 @@ def test_heads_that_do_not_fit(z, capsys):
     merge_refused(capsys, z, tasks, "wide_head.safetensors", f"{EMBED * 2} features", extra=("--heads", f"a={d / 'wide_head.safetensors'}"))
     merge_refused(capsys, z, tasks, "nan_head.safetensors", extra=("--method", "wemoe", "--heads", f"b={d / 'nan_head.safetensors'}"))
     merge_refused(capsys, z, tasks, "'c'", extra=("--heads", f"c={z.head}"))
-    merge_refused(capsys, z, tasks, "wide_head.safetensors", extra=("--method", "wemoe", "--heads", f"a={d / 'wide_head.safetensors'}", "--data", f"a={z.data}"))
+    merge_refused(
+        capsys, z, tasks, "wide_head.safetensors", extra=("--method", "wemoe", "--heads", f"a={d / 'wide_head.safetensors'}", "--data", f"a={z.data}")
+    )
 
 
 # --------------------------------------------------------------------------- data directories and .npz files
@@ -534,8 +553,12 @@ def test_bad_data_refuses_a_wemoe_merge_before_compute(z, capsys, monkeypatch):
     merge_refused(capsys, z, tasks, "'c'", extra=("--method", "wemoe", "--heads", f"a={z.head}", "--data", f"c={z.data}"))
     # the data's labels say which head it belongs with: a head with too few classes is the wrong one
     save_tensors(d / "two_classes.safetensors", {"weight": torch.zeros(2, EMBED)})
-    merge_refused(capsys, z, tasks, "data.npz", "2 classes", extra=("--method", "wemoe", "--heads", f"a={d / 'two_classes.safetensors'}", "--data", f"a={z.data}"))
-    merge_refused(capsys, z, tasks, "folder", "2 classes", extra=("--method", "wemoe", "--heads", f"a={d / 'two_classes.safetensors'}", "--data", f"a={z.folder}"))
+    merge_refused(
+        capsys, z, tasks, "data.npz", "2 classes", extra=("--method", "wemoe", "--heads", f"a={d / 'two_classes.safetensors'}", "--data", f"a={z.data}")
+    )
+    merge_refused(
+        capsys, z, tasks, "folder", "2 classes", extra=("--method", "wemoe", "--heads", f"a={d / 'two_classes.safetensors'}", "--data", f"a={z.folder}")
+    )
     merge_refused(capsys, z, tasks, "only applies", extra=("--data", f"a={z.data}"), code=2)
 
 
@@ -589,8 +612,13 @@ def test_broken_image_folders(z, capsys):
     # a corrupted image refuses the wemoe merge too, before anything is written
     d = _folder(z, "corrupt_png_merge")
     (d / "3" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0garbage" * 20)
-    merge_refused(capsys, z, [f"a={z.tasks[0]}", f"b={z.tasks[1]}"], "bad.png",
-                  extra=("--method", "wemoe", "--heads", f"a={z.head}", "--data", f"a={d}", "--steps", "2", "--batch-size", "4"))
+    merge_refused(
+        capsys,
+        z,
+        [f"a={z.tasks[0]}", f"b={z.tasks[1]}"],
+        "bad.png",
+        extra=("--method", "wemoe", "--heads", f"a={z.head}", "--data", f"a={d}", "--steps", "2", "--batch-size", "4"),
+    )
 
 
 def test_mixed_image_sizes_are_not_an_internal_error(z, capsys):

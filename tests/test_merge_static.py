@@ -54,8 +54,9 @@ def expected(method, base, states, lam=0.3, k=20):
 def test_static_merge_equals_independent_computation(tmp_path, capsys, kind, method, extra):
     base_path, task_paths, base, states = zoo(tmp_path, kind)
     out = tmp_path / "out"
-    code, _, err = run_cli(capsys, "merge", "--base", base_path, "--tasks", *[f"t{i}={p}" for i, p in enumerate(task_paths)],
-                           "--method", method, "--out", out, "--quiet", *extra)
+    code, _, err = run_cli(
+        capsys, "merge", "--base", base_path, "--tasks", *[f"t{i}={p}" for i, p in enumerate(task_paths)], "--method", method, "--out", out, "--quiet", *extra
+    )
     assert code == 0, err
     merged, meta = load_tensors(out / "model.safetensors")
     lam = 0.4 if method == "task-arithmetic" else 0.7
@@ -74,8 +75,8 @@ def test_static_merge_equals_independent_computation(tmp_path, capsys, kind, met
         model.load_state_dict(merged, strict=True)
     else:
         model, ref_model = open_clip_vit(), open_clip_vit()
-        model.load_state_dict({k[len("visual."):]: v for k, v in merged.items()}, strict=True)
-    ref_model.load_state_dict({k[len("visual."):] if kind != "timm" else k: v for k, v in ref.items()}, strict=True)
+        model.load_state_dict({k[len("visual.") :]: v for k, v in merged.items()}, strict=True)
+    ref_model.load_state_dict({k[len("visual.") :] if kind != "timm" else k: v for k, v in ref.items()}, strict=True)
     a, b = model(x), ref_model(x)
     a, b = (a[0], b[0]) if isinstance(a, tuple) else (a, b)
     assert torch.allclose(a, b, atol=1e-5)

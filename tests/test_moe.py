@@ -140,7 +140,7 @@ def make_block(groups=("mlp",), rank=None, layers=2, coef_range=None, activation
     block = MoEBlock(arch, T, groups, rank, routers, coef_range)
     g = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
-        for k, (name, layer) in enumerate(block.named_modules()):
+        for k, (_name, layer) in enumerate(block.named_modules()):
             if isinstance(layer, RoutedLinear):
                 fill(layer, seed + k)
         for p in block.routers.parameters():
@@ -213,8 +213,16 @@ def test_only_routers_train_and_buffers_persist():
     names = {n for n, p in block.named_parameters() if p.requires_grad and ".routers." not in f".{n}"}
     assert names <= {n for n, _ in block.named_parameters() if n.startswith(("norm1", "norm2"))}
     sd = block.state_dict()
-    for key in ("attn.qkv.weight", "attn.qkv.experts.down", "attn.qkv.experts.up", "attn.qkv.experts.bias",
-                "mlp.fc2.weight", "mlp.fc2.experts.up", "routers.attn.hidden.weight", "routers.mlp.out.bias"):
+    for key in (
+        "attn.qkv.weight",
+        "attn.qkv.experts.down",
+        "attn.qkv.experts.up",
+        "attn.qkv.experts.bias",
+        "mlp.fc2.weight",
+        "mlp.fc2.experts.up",
+        "routers.attn.hidden.weight",
+        "routers.mlp.out.bias",
+    ):
         assert key in sd, key
     assert sd["mlp.fc2.experts.down"].shape == (T, 3, H) and sd["mlp.fc2.experts.up"].shape == (T, 3, D)
     dense = make_block(("mlp",)).state_dict()

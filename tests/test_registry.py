@@ -42,8 +42,21 @@ def test_toy_method_in_cli_help_and_choices(toy, capsys):
 def test_toy_method_merges_and_records_parameters(toy, ckpts, capsys):
     tmp, base, tasks, base_state, states = ckpts
     out = tmp / "toy-cli"
-    code, _, err = run_cli(capsys, "merge", "--base", base, "--tasks", *[f"t{i}={p}" for i, p in enumerate(tasks)],
-                           "--method", "scaled-mean", "--alpha", "0.75", "--out", out, "-q")
+    code, _, err = run_cli(
+        capsys,
+        "merge",
+        "--base",
+        base,
+        "--tasks",
+        *[f"t{i}={p}" for i, p in enumerate(tasks)],
+        "--method",
+        "scaled-mean",
+        "--alpha",
+        "0.75",
+        "--out",
+        out,
+        "-q",
+    )
     assert code == 0, err
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["method"] == "scaled-mean" and cfg["parameters"] == {"alpha": 0.75, "ties_k": 10.0}
@@ -56,8 +69,13 @@ def test_toy_method_merges_and_records_parameters(toy, ckpts, capsys):
 
 def test_toy_method_from_yaml_and_dry_run(toy, ckpts, capsys):
     tmp, base, tasks, _, _ = ckpts
-    cfg = {"base": str(base), "method": "scaled-mean", "alpha": 1.25, "out": str(tmp / "toy-yaml"),
-           "tasks": {f"t{i}": {"checkpoint": str(p)} for i, p in enumerate(tasks)}}
+    cfg = {
+        "base": str(base),
+        "method": "scaled-mean",
+        "alpha": 1.25,
+        "out": str(tmp / "toy-yaml"),
+        "tasks": {f"t{i}": {"checkpoint": str(p)} for i, p in enumerate(tasks)},
+    }
     (tmp / "toy.yaml").write_text(yaml.safe_dump(cfg))
     code, out, err = run_cli(capsys, "merge", "--config", tmp / "toy.yaml", "--dry-run", "-q")
     assert code == 0, err

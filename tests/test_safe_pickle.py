@@ -318,16 +318,10 @@ def test_build_cannot_set_attributes_on_allowed_globals(tmp_path):
     def setattr_ops(global_: bytes, name: str) -> bytes:
         # GLOBAL; BUILD with state (None, {name: (1, 2, 3)}), i.e. setattr(global, name, (1, 2, 3)); POP
         encoded = name.encode()
-        return (b"c" + global_ + b"N}X" + struct.pack("<I", len(encoded)) + encoded
-                + b"(K\x01K\x02K\x03ts\x86b0")
+        return b"c" + global_ + b"N}X" + struct.pack("<I", len(encoded)) + encoded + b"(K\x01K\x02K\x03ts\x86b0"
 
-    prefix = (
-        b"\x80\x02"
-        + setattr_ops(b"torch._utils\n_rebuild_tensor_v2\n", "__defaults__")
-        + setattr_ops(b"torch\nUntypedStorage\n", "nbytes")
-    )
-    _rewrite_zip(tmp_path / "plain.pt", tmp_path / "crafted.pt",
-                 lambda name, data: prefix + data if name.endswith("/data.pkl") else data)
+    prefix = b"\x80\x02" + setattr_ops(b"torch._utils\n_rebuild_tensor_v2\n", "__defaults__") + setattr_ops(b"torch\nUntypedStorage\n", "nbytes")
+    _rewrite_zip(tmp_path / "plain.pt", tmp_path / "crafted.pt", lambda name, data: prefix + data if name.endswith("/data.pkl") else data)
     defaults = safe_pickle._rebuild_tensor_v2.__defaults__
     storage_nbytes = torch.UntypedStorage.nbytes
 
@@ -350,8 +344,7 @@ def test_tensor_past_end_of_storage_is_refused():
 
 
 def _module_file(tmp_path: Path, zip_format: bool = True) -> Path:
-    return save_module(ClassificationHead(True, torch.randn(64, 64)), tmp_path / "head.pt",
-                       _use_new_zipfile_serialization=zip_format)
+    return save_module(ClassificationHead(True, torch.randn(64, 64)), tmp_path / "head.pt", _use_new_zipfile_serialization=zip_format)
 
 
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])

@@ -1,4 +1,5 @@
 """The speed report states each shortfall's arithmetic correctly and names its machine."""
+
 from __future__ import annotations
 
 import copy

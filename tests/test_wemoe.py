@@ -177,7 +177,7 @@ def test_routes_and_export(setup, capsys):
 
     state, _ = load_tensors(tmp / "exp" / "model.safetensors")
     oc = open_clip_vit()
-    oc.load_state_dict({k[len("visual."):]: v for k, v in state.items()}, strict=True)
+    oc.load_state_dict({k[len("visual.") :]: v for k, v in state.items()}, strict=True)
     m = wemoe.load(tmp / "adapted")
     coefs = torch.tensor(rep["mean_routing"]["t1"], dtype=torch.float32)
     x = torch.randn(3, 3, 32, 32)

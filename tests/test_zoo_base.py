@@ -1,4 +1,5 @@
 """The committed zoo base matches its recipe, and the zoo's data builders honour their contract."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,7 @@ from benchmarks.zoo import datasets  # noqa: E402
 from benchmarks.zoo.model import build_vit  # noqa: E402
 from benchmarks.zoo.pretrain import BASE_PATH, RECIPE_PATH  # noqa: E402
 
-N_CLASSES = {"fashion": 10, "mnist": 10, "digits8": 10, "letters": 26, "housenum": 10,
-             "textures": 10, "shapes": 8, "counting": 6}
+N_CLASSES = {"fashion": 10, "mnist": 10, "digits8": 10, "letters": 26, "housenum": 10, "textures": 10, "shapes": 8, "counting": 6}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_base_matches_recipe(recipe: dict) -> None:
     assert n_params == recipe["result"]["n_params"]
     assert "visual.transformer.resblocks.0.attn.in_proj_weight" in shapes
     assert shapes["visual.proj"] == (arch["width"], arch["output_dim"])
-    assert os.path.getsize(BASE_PATH) <= 20 * 2 ** 20
+    assert os.path.getsize(BASE_PATH) <= 20 * 2**20
 
 
 def test_task_registry_is_the_documented_eight() -> None:
@@ -94,9 +94,14 @@ def test_broad_batch_mixes_kinds_with_offset_labels() -> None:
     rng = np.random.default_rng(0)
     sm, sk = broad.shape_bank(2, seed=0)
     tm, tk = broad.texture_bank(2, seed=1)
-    bank = {"masks": rng.integers(0, 255, (20, 32, 32), dtype=np.uint8), "labels": np.arange(20) % n_glyph_classes,
-            "shape_masks": sm, "shape_labels": sk + n_glyph_classes, "texture_masks": tm,
-            "texture_labels": tk + n_glyph_classes + len(broad.BROAD_SHAPES)}
+    bank = {
+        "masks": rng.integers(0, 255, (20, 32, 32), dtype=np.uint8),
+        "labels": np.arange(20) % n_glyph_classes,
+        "shape_masks": sm,
+        "shape_labels": sk + n_glyph_classes,
+        "texture_masks": tm,
+        "texture_labels": tk + n_glyph_classes + len(broad.BROAD_SHAPES),
+    }
     d = {"rotate": 12.0, "scale": [0.7, 1.1], "shift": 0.12, "clutter": 0.5, "broad": dict(BROAD_DEFAULT)}
     x, y = sample_batch(bank, np.arange(20), 64, rng, torch.Generator().manual_seed(0), d)
     assert x.shape == (64, 32, 32, 3) and x.dtype == torch.uint8
@@ -111,9 +116,15 @@ def test_ceiling_script_refuses_an_unbuilt_zoo_in_one_line(tmp_path) -> None:
     import sys
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.zoo.ceiling", "--cache", str(tmp_path), "--out", str(tmp_path / "c")],
-                          cwd=repo, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.zoo.ceiling", "--cache", str(tmp_path), "--out", str(tmp_path / "c")],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
-        f"error: no built zoo at {tmp_path} (missing {', '.join(datasets.TASKS)}): run `python -m benchmarks.zoo build` first"]
+        f"error: no built zoo at {tmp_path} (missing {', '.join(datasets.TASKS)}): run `python -m benchmarks.zoo build` first"
+    ]
     assert not list(tmp_path.iterdir())

@@ -1,4 +1,5 @@
 """The zoo's fine-tuning: the replay term keeps features on pretraining images, and is inert when off."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -69,8 +70,7 @@ def test_interference_rows_obey_their_definitions(setup) -> None:
     moved = {k: v + 0.05 * v.abs().mean() * torch.randn(v.shape, generator=g) for k, v in sd.items()}
     head = (w, None, {})
     test = (d["x_train"][:60], d["y_train"][:60])
-    zoo = BuiltZoo(model=load_encoder(BASE_PATH), base=sd, own={"a": moved, "b": sd},
-                   tests={"a": test, "b": test}, heads={"a": head, "b": head})
+    zoo = BuiltZoo(model=load_encoder(BASE_PATH), base=sd, own={"a": moved, "b": sd}, tests={"a": test, "b": test}, heads={"a": head, "b": head})
     rows = interference(zoo, ["a", "b"], lam=1.0)
     # b's vector is zero: it changes nothing, and it is all that "all others" adds for task a
     assert rows["b"] == {"a": 0.0, "b": 0.0}

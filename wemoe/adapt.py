@@ -115,8 +115,9 @@ def adapt_routers(
     progress: bool = True,
 ) -> AdaptResult:
     """WEMoE's test-time adaptation: only the routers train; then a check for collapse."""
-    result = adapt_parameters(model, model.router_parameters(), heads, data, model.arch, steps, lr, batch_size, cosine,
-                              seed, device, progress, desc="adapting routers")
+    result = adapt_parameters(
+        model, model.router_parameters(), heads, data, model.arch, steps, lr, batch_size, cosine, seed, device, progress, desc="adapting routers"
+    )
     result.diagnostics, result.warnings = collapse_check(model, heads, data, device, seed)
     return result
 

@@ -1,10 +1,10 @@
 """The Python API: ``wemoe.merge`` does exactly what ``wemoe merge`` does.
 
-    import wemoe
-    out = wemoe.merge(base="base.safetensors", tasks={"cars": "cars.safetensors", "mnist": "mnist.safetensors"},
-                      method="task-arithmetic", out="merged/", lam=0.3)
-    out = wemoe.merge(config="merge.yaml")              # the same YAML `wemoe merge --config` reads
-    model = wemoe.load(out)
+import wemoe
+out = wemoe.merge(base="base.safetensors", tasks={"cars": "cars.safetensors", "mnist": "mnist.safetensors"},
+                  method="task-arithmetic", out="merged/", lam=0.3)
+out = wemoe.merge(config="merge.yaml")              # the same YAML `wemoe merge --config` reads
+model = wemoe.load(out)
 """
 
 from __future__ import annotations
@@ -52,8 +52,22 @@ def merge(
         return None if v is None else str(v)
 
     cfg = merge_config(
-        config, base=path(base), tasks=tasks, method=method, out=path(out), heads=heads, data=data, arch=arch,
-        dtype=dtype, seed=seed, shard_size=shard_size, device=device, force=force, dry_run=dry_run, quiet=quiet, **params,
+        config,
+        base=path(base),
+        tasks=tasks,
+        method=method,
+        out=path(out),
+        heads=heads,
+        data=data,
+        arch=arch,
+        dtype=dtype,
+        seed=seed,
+        shard_size=shard_size,
+        device=device,
+        force=force,
+        dry_run=dry_run,
+        quiet=quiet,
+        **params,
     )
     return run_merge(cfg)
 

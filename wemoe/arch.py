@@ -46,8 +46,10 @@ class ViTArch:
     def summary(self) -> str:
         """One line for plans, ``inspect`` and logs."""
         embed = f" embed {self.embed_dim}" if self.embed_dim is not None else ""
-        return (f"width {self.width} depth {self.depth} heads {self.heads} patch {self.patch_size} image {self.image_size} "
-                f"mlp {self.mlp_width}{embed} activation {self.activation}")
+        return (
+            f"width {self.width} depth {self.depth} heads {self.heads} patch {self.patch_size} image {self.image_size} "
+            f"mlp {self.mlp_width}{embed} activation {self.activation}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -39,6 +39,8 @@ FORMAT_VERSION = max(FORMAT_VERSIONS.values())
 
 def format_version(method: str) -> int:
     return FORMAT_VERSIONS["moe" if method in MOE_METHODS else "plain"]
+
+
 CONFIG_FILE = "config.json"
 HEADS_FILE = "heads.safetensors"
 REPORT_FILE = "report.json"
@@ -133,9 +135,16 @@ def read_output(path: str | Path) -> OutputRecord | None:
     if not all(isinstance(t, str) for t in tasks):
         raise WemoeError("config.json: 'tasks' must be a list of names", path=p)
     return OutputRecord(
-        path=p, raw=cfg, format_version=version, method=_field(cfg, "method", str, p), architecture=arch,
-        scheme=_field(cfg, "scheme", str, p), prefix=cfg.get("prefix") or "", tasks=list(tasks),
-        dtype=cfg.get("dtype") or "float32", parameters=cfg.get("parameters") or {},
+        path=p,
+        raw=cfg,
+        format_version=version,
+        method=_field(cfg, "method", str, p),
+        architecture=arch,
+        scheme=_field(cfg, "scheme", str, p),
+        prefix=cfg.get("prefix") or "",
+        tasks=list(tasks),
+        dtype=cfg.get("dtype") or "float32",
+        parameters=cfg.get("parameters") or {},
     )
 
 
@@ -149,5 +158,15 @@ def require_output(path: str | Path, moe: bool | None = None) -> OutputRecord:
     return record
 
 
-__all__ = ["CONFIG_FILE", "FORMAT", "FORMAT_VERSION", "HEADS_FILE", "MOE_METHODS", "OutputRecord", "REPORT_FILE",
-           "read_output", "require_output", "write_output"]
+__all__ = [
+    "CONFIG_FILE",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "HEADS_FILE",
+    "MOE_METHODS",
+    "OutputRecord",
+    "REPORT_FILE",
+    "read_output",
+    "require_output",
+    "write_output",
+]

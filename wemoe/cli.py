@@ -21,8 +21,24 @@ from wemoe.memory import return_freed_memory_to_os
 from wemoe.options import GREEDY_OPTIONS, device_option, expand_greedy, verbosity_options
 from wemoe.runtime import DTYPES
 
-MERGE_COMMON = ("config_path", "base", "tasks", "method", "out", "arch", "dtype", "shard_size", "seed", "force", "dry_run",
-                "heads", "data", "device", "quiet", "verbose")
+MERGE_COMMON = (
+    "config_path",
+    "base",
+    "tasks",
+    "method",
+    "out",
+    "arch",
+    "dtype",
+    "shard_size",
+    "seed",
+    "force",
+    "dry_run",
+    "heads",
+    "data",
+    "device",
+    "quiet",
+    "verbose",
+)
 
 
 def _method_options() -> list[click.Option]:
@@ -76,16 +92,21 @@ def _merge_command() -> click.Command:
         click.Option(["--dry-run"], is_flag=True, help="Validate the inputs and print the plan; write nothing."),
         *_method_options(),
     ]
-    cmd = click.Command("merge", callback=callback, params=params,
-                        help="Merge a base and task checkpoints into one model directory.\n\nMethods: "
-                        + "; ".join(f"{n}" for n in names) + ".")
+    cmd = click.Command(
+        "merge",
+        callback=callback,
+        params=params,
+        help="Merge a base and task checkpoints into one model directory.\n\nMethods: " + "; ".join(f"{n}" for n in names) + ".",
+    )
     return verbosity_options(device_option(cmd))
 
 
 @click.command(name="eval")
 @click.argument("model", required=False)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file naming model and tasks; flags override it.")
-@click.option("--task", "tasks", multiple=True, metavar="NAME=HEAD:DATA ...", help="Task to evaluate (repeatable); HEAD may be empty for outputs that store heads.")
+@click.option(
+    "--task", "tasks", multiple=True, metavar="NAME=HEAD:DATA ...", help="Task to evaluate (repeatable); HEAD may be empty for outputs that store heads."
+)
 @click.option("--split", default="test", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per forward pass [64].")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N images per task.")

@@ -208,7 +208,9 @@ def merge_config(config: str | Path | None = None, **given: Any) -> MergeConfig:
 
     tasks = named_paths(given.get("tasks"), "checkpoint") or {n: s["checkpoint"] for n, s in yaml_task_specs.items() if "checkpoint" in s}
     names = list(tasks)
-    heads = _per_task(named_paths(given.get("heads"), "head"), names, "--heads") or {n: s["head"] for n, s in yaml_task_specs.items() if "head" in s and n in tasks}
+    heads = _per_task(named_paths(given.get("heads"), "head"), names, "--heads") or {
+        n: s["head"] for n, s in yaml_task_specs.items() if "head" in s and n in tasks
+    }
     explicit_data = named_paths(given.get("data"), "data")
     if explicit_data and not method_cls.adapts:
         adapting = ", ".join(n for n, c in _registry_items() if c.adapts)
@@ -228,8 +230,7 @@ def merge_config(config: str | Path | None = None, **given: Any) -> MergeConfig:
         if key in param_keys and value is not None:
             raw[key] = value
             origins[key] = f"'{key}' in {Path(str(config)).name}"
-    common = {"base", "tasks", "heads", "data", "method", "out", "arch", "dtype", "shard_size", "seed", "device",
-              "force", "dry_run", "quiet", "verbose"}
+    common = {"base", "tasks", "heads", "data", "method", "out", "arch", "dtype", "shard_size", "seed", "device", "force", "dry_run", "quiet", "verbose"}
     for key, value in given.items():
         if key in common or value is None:
             continue
@@ -248,10 +249,21 @@ def merge_config(config: str | Path | None = None, **given: Any) -> MergeConfig:
         raise WemoeError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     shard_size = pick("shard_size", DEFAULT_SHARD_SIZE)
     return MergeConfig(
-        base=str(base) if base is not None else "", tasks=specs, method=method, params=params, out=str(out) if out else None,
-        arch=str(arch) if arch else None, dtype=dtype, shard_size=str(shard_size), seed=int(seed), device=device,
-        force=bool(given.get("force")), dry_run=bool(given.get("dry_run")), quiet=bool(given.get("quiet")),
-        verbose=int(given.get("verbose") or 0), origins=origins,
+        base=str(base) if base is not None else "",
+        tasks=specs,
+        method=method,
+        params=params,
+        out=str(out) if out else None,
+        arch=str(arch) if arch else None,
+        dtype=dtype,
+        shard_size=str(shard_size),
+        seed=int(seed),
+        device=device,
+        force=bool(given.get("force")),
+        dry_run=bool(given.get("dry_run")),
+        quiet=bool(given.get("quiet")),
+        verbose=int(given.get("verbose") or 0),
+        origins=origins,
     )
 
 
@@ -285,5 +297,4 @@ def eval_options_from_yaml(opts: dict[str, Any], path: str | Path) -> dict[str, 
     return opts
 
 
-__all__ = ["MergeConfig", "TaskSpec", "merge_config", "load_yaml", "split_named", "named_paths", "check_unique",
-           "eval_options_from_yaml"]
+__all__ = ["MergeConfig", "TaskSpec", "merge_config", "load_yaml", "split_named", "named_paths", "check_unique", "eval_options_from_yaml"]

@@ -36,8 +36,13 @@ class TaskData:
     def subset(self, limit: int | None) -> TaskData:
         if limit is None or limit >= len(self):
             return self
-        return TaskData(self.source, self.labels[:limit], None if self.arrays is None else self.arrays[:limit],
-                        None if self.files is None else self.files[:limit], self.classes)
+        return TaskData(
+            self.source,
+            self.labels[:limit],
+            None if self.arrays is None else self.arrays[:limit],
+            None if self.files is None else self.files[:limit],
+            self.classes,
+        )
 
     def raw(self, start: int, stop: int) -> np.ndarray | list[np.ndarray]:
         if self.arrays is not None:

@@ -29,8 +29,14 @@ class TaskResult:
 
 @torch.inference_mode()
 def evaluate_task(
-    model: nn.Module, head: Head, data: TaskData, arch: ViTArch, batch_size: int = 64, device: str = "cpu",
-    progress: bool = True, desc: str = "eval",
+    model: nn.Module,
+    head: Head,
+    data: TaskData,
+    arch: ViTArch,
+    batch_size: int = 64,
+    device: str = "cpu",
+    progress: bool = True,
+    desc: str = "eval",
 ) -> TaskResult:
     model.eval()
     started = time.perf_counter()

@@ -13,8 +13,7 @@ from wemoe.model.wemoe_model import WEMoEModel
 
 
 @torch.no_grad()
-def mean_routing(model: WEMoEModel, data: TaskData, batch_size: int = 64, device: str = "cpu", progress: bool = False,
-                 desc: str = "routing") -> np.ndarray:
+def mean_routing(model: WEMoEModel, data: TaskData, batch_size: int = 64, device: str = "cpu", progress: bool = False, desc: str = "routing") -> np.ndarray:
     """(routing entries, experts) mean routing weight over the task's images (entries: ``model.route_labels()``)."""
     total = None
     count = 0
@@ -69,7 +68,7 @@ def routing_heatmap(model: WEMoEModel, means: dict[str, np.ndarray], path: str |
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
         ax.set_xlabel("expert", fontsize=8)
         ax.set_ylabel("block", fontsize=8)
-    for ax in list(axes.flat)[len(tasks):]:
+    for ax in list(axes.flat)[len(tasks) :]:
         ax.axis("off")
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="mean routing weight")
     fig.savefig(path, dpi=110, bbox_inches="tight")

@@ -27,8 +27,14 @@ from wemoe.io.sources import open_source
 from wemoe.model.wemoe_model import MoESpec, WEMoEModel
 
 
-def write_wemoe(directory: Path, model: WEMoEModel, config: dict[str, Any], dtype: torch.dtype | None, shard_size: int | None,
-                report: Callable[[], dict[str, Any]] | None = None) -> list[str]:
+def write_wemoe(
+    directory: Path,
+    model: WEMoEModel,
+    config: dict[str, Any],
+    dtype: torch.dtype | None,
+    shard_size: int | None,
+    report: Callable[[], dict[str, Any]] | None = None,
+) -> list[str]:
     """Write the module's state and heads into ``directory`` (a temporary one)."""
     state = model.state_dict()
 
@@ -36,21 +42,32 @@ def write_wemoe(directory: Path, model: WEMoEModel, config: dict[str, Any], dtyp
         return t.to(dtype) if (dtype is not None and t.is_floating_point()) else t
 
     entries = [(k, cast(v).dtype, tuple(v.shape)) for k, v in state.items()]
-    return write_output(directory, config, entries, lambda: ((k, cast(v).contiguous()) for k, v in state.items()),
-                        heads=model.heads, report=report, shard_size=shard_size)
+    return write_output(
+        directory, config, entries, lambda: ((k, cast(v).contiguous()) for k, v in state.items()), heads=model.heads, report=report, shard_size=shard_size
+    )
 
 
 def spec_from_record(moe: dict[str, Any]) -> MoESpec:
     coef_range = tuple(moe["coef_range"]) if moe.get("coef_range") else None
-    return MoESpec(blocks=tuple(moe["moe_blocks"]), groups=tuple(moe.get("groups", ("mlp",))), rank=moe.get("rank"),
-                   router_layers=int(moe["router_layers"]), init_lambda=float(moe["lambda"]), coef_range=coef_range)  # type: ignore[arg-type]
+    return MoESpec(
+        blocks=tuple(moe["moe_blocks"]),
+        groups=tuple(moe.get("groups", ("mlp",))),
+        rank=moe.get("rank"),
+        router_layers=int(moe["router_layers"]),
+        init_lambda=float(moe["lambda"]),
+        coef_range=coef_range,
+    )  # type: ignore[arg-type]
 
 
 _V1_MLP = {
-    "fc1_weight": ("fc1.weight", False), "fc1_bias": ("fc1.bias", False),
-    "fc2_weight_t": ("fc2.weight", True), "fc2_bias": ("fc2.bias", False),
-    "expert_fc1_weight": ("fc1.experts.weight", False), "expert_fc1_bias": ("fc1.experts.bias", False),
-    "expert_fc2_weight_t": ("fc2.experts.weight_t", False), "expert_fc2_bias": ("fc2.experts.bias", False),
+    "fc1_weight": ("fc1.weight", False),
+    "fc1_bias": ("fc1.bias", False),
+    "fc2_weight_t": ("fc2.weight", True),
+    "fc2_bias": ("fc2.bias", False),
+    "expert_fc1_weight": ("fc1.experts.weight", False),
+    "expert_fc1_bias": ("fc1.experts.bias", False),
+    "expert_fc2_weight_t": ("fc2.experts.weight_t", False),
+    "expert_fc2_bias": ("fc2.experts.bias", False),
 }
 
 
@@ -63,7 +80,7 @@ def upgrade_v1_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             name, transpose = _V1_MLP[m.group(2)]
             out[f"{m.group(1)}.mlp.{name}"] = value.t().contiguous() if transpose else value
         elif m and m.group(2).startswith("router."):
-            out[f"{m.group(1)}.routers.mlp.{m.group(2)[len('router.'):]}"] = value
+            out[f"{m.group(1)}.routers.mlp.{m.group(2)[len('router.') :]}"] = value
         else:
             out[key] = value
     return out
@@ -93,8 +110,7 @@ def describe_wemoe(record: OutputRecord) -> list[str]:
     rank = moe.get("rank")
     return [
         "method:        wemoe (weight-ensembling MoE)",
-        f"moe blocks:    {moe.get('moe_blocks')}  routed {', '.join(moe.get('groups', ['mlp']))}  "
-        f"experts {'dense' if rank is None else f'rank {rank}'}",
+        f"moe blocks:    {moe.get('moe_blocks')}  routed {', '.join(moe.get('groups', ['mlp']))}  experts {'dense' if rank is None else f'rank {rank}'}",
         f"routers:       layers {moe.get('router_layers')}  lambda {moe.get('lambda')}  coef range {moe.get('coef_range')}",
         f"adaptation:    {moe.get('adaptation')}",
     ]

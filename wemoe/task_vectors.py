@@ -36,9 +36,7 @@ def iter_task_vectors(inputs: MergeInputs, key: str, base: torch.Tensor, device:
             yield task.checkpoint.get(key).to(device=device, dtype=base.dtype) - base
 
 
-def stacked_task_vectors(
-    inputs: MergeInputs, key: str, base: torch.Tensor, device: torch.device | str = "cpu", transposed: bool = False
-) -> torch.Tensor:
+def stacked_task_vectors(inputs: MergeInputs, key: str, base: torch.Tensor, device: torch.device | str = "cpu", transposed: bool = False) -> torch.Tensor:
     """All tau_i of one tensor as a (T, *shape) stack, filled in place (no list + stack copy).
 
     ``transposed`` (2-D tensors): the stack is stored as (T, cols, rows) and returned as

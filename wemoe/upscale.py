@@ -63,8 +63,7 @@ def build_wemoe(inputs: MergeInputs, spec: MoESpec, seed: int = 0, progress: boo
     return model.freeze_backbone().eval(), energy
 
 
-def _expert_weights(inputs: MergeInputs, key: str, base: torch.Tensor, path: str, rank: int | None,
-                    energy: dict[str, list[float]]) -> dict[str, torch.Tensor]:
+def _expert_weights(inputs: MergeInputs, key: str, base: torch.Tensor, path: str, rank: int | None, energy: dict[str, list[float]]) -> dict[str, torch.Tensor]:
     out_features, in_features = base.shape
     if rank is None:
         if out_features >= in_features:

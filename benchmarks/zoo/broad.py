@@ -7,6 +7,7 @@ uses: twelve shapes disjoint from the shapes task, six texture families disjoint
 the textures task, and glyph *scatters* (several small copies of one glyph, labelled
 with that glyph: aggregation over objects without ever teaching counts).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,8 +17,7 @@ from PIL import Image, ImageDraw
 from . import compose
 from .datasets import texture_coords
 
-BROAD_SHAPES = ("pentagon", "heptagon", "octagon", "ellipse", "crescent", "arrow", "heart",
-                "rhombus", "trapezoid", "parallelogram", "L-shape", "T-shape")
+BROAD_SHAPES = ("pentagon", "heptagon", "octagon", "ellipse", "crescent", "arrow", "heart", "rhombus", "trapezoid", "parallelogram", "L-shape", "T-shape")
 BROAD_TEXTURES = ("zigzag", "spiral", "trilattice", "cells", "herringbone", "plaid")
 
 
@@ -25,8 +25,7 @@ def _shape(k: int, rng: np.random.Generator, res: int = 128) -> np.ndarray:
     im = Image.new("L", (res, res), 0)
     d = ImageDraw.Draw(im)
     c, r = res / 2, res * 0.36 * rng.uniform(0.9, 1.05)
-    ngon = lambda n: [(c + r * np.cos(2 * np.pi * i / n - np.pi / 2), c + r * np.sin(2 * np.pi * i / n - np.pi / 2))
-                      for i in range(n)]
+    ngon = lambda n: [(c + r * np.cos(2 * np.pi * i / n - np.pi / 2), c + r * np.sin(2 * np.pi * i / n - np.pi / 2)) for i in range(n)]
     name = BROAD_SHAPES[k]
     if name in ("pentagon", "heptagon", "octagon"):
         d.polygon(ngon({"pentagon": 5, "heptagon": 7, "octagon": 8}[name]), fill=255)

@@ -11,6 +11,7 @@ Cache layout (default ``benchmarks/cache/zoo``; ``--quick`` defaults to ``benchm
 
 Each artifact stores the hash of what it was built from and is rebuilt when that changes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,8 +73,7 @@ def cached_npz(path: str, h: str, make: Callable[[], dict[str, np.ndarray]]) -> 
 
 def load_data(task: str, cache: str, rec: dict[str, Any], h: str) -> datasets.Split:
     d = rec["data"]
-    return cached_npz(os.path.join(cache, "data", f"{task}.npz"), h,
-                      lambda: datasets.build_task(task, d["n_train"], d["n_test"], rec["seed"]))
+    return cached_npz(os.path.join(cache, "data", f"{task}.npz"), h, lambda: datasets.build_task(task, d["n_train"], d["n_test"], rec["seed"]))
 
 
 def _finetune_job(job: dict[str, Any]) -> str:
@@ -85,8 +85,7 @@ def _finetune_job(job: dict[str, Any]) -> str:
         x, y = z["x_train"], z["y_train"]
     with np.load(job["replay"]) as z:
         xr = z["x"]
-    model = finetune(base, weight, x, y, job["cfg"], seed=job["seed"], desc=f"finetune {job['task']}",
-                     progress=job["progress"], replay=xr)
+    model = finetune(base, weight, x, y, job["cfg"], seed=job["seed"], desc=f"finetune {job['task']}", progress=job["progress"], replay=xr)
     save_encoder(model, job["out"], job["arch"], {"zoo_hash": job["hash"], "task": job["task"]})
     return job["task"]
 
@@ -105,8 +104,9 @@ def _run_finetunes(jobs: list[dict[str, Any]], workers: int) -> None:
             tqdm.write(f"fine-tuned {done.result()}")
 
 
-def build(cache: str, quick: bool = False, tasks: tuple[str, ...] = datasets.TASKS, base_path: str = BASE_PATH,
-          threads: int = 2, jobs: int | None = None) -> dict[str, Any]:
+def build(
+    cache: str, quick: bool = False, tasks: tuple[str, ...] = datasets.TASKS, base_path: str = BASE_PATH, threads: int = 2, jobs: int | None = None
+) -> dict[str, Any]:
     """Build (or reuse) everything under ``cache``; return per-task accuracies.
 
     ``threads``: CPU cores to use. Fine-tunes run as ``jobs`` single-threaded processes
@@ -140,13 +140,25 @@ def build(cache: str, quick: bool = False, tasks: tuple[str, ...] = datasets.TAS
             save_head(head_path, w, task, classes, {"zoo_hash": h["head"], "logit_scale": str(rec["heads"]["logit_scale"])})
         task_path = os.path.join(cache, "tasks", f"{task}.safetensors")
         if not _fresh(task_path, h["ft"]):
-            pending.append({"task": task, "base": cached_base, "head": head_path, "data": os.path.join(cache, "data", f"{task}.npz"),
-                            "cfg": rec["finetune"], "replay": replay_path, "seed": rec["seed"] * 100 + ti, "out": task_path, "arch": arch,
-                            "hash": h["ft"], "threads": 1 if jobs > 1 else threads, "progress": jobs <= 1})
+            pending.append(
+                {
+                    "task": task,
+                    "base": cached_base,
+                    "head": head_path,
+                    "data": os.path.join(cache, "data", f"{task}.npz"),
+                    "cfg": rec["finetune"],
+                    "replay": replay_path,
+                    "seed": rec["seed"] * 100 + ti,
+                    "out": task_path,
+                    "arch": arch,
+                    "hash": h["ft"],
+                    "threads": 1 if jobs > 1 else threads,
+                    "progress": jobs <= 1,
+                }
+            )
     if pending:
         r = rec["replay"]
-        cached_npz(replay_path, config.digest("replay", base_digest, r),
-                   lambda: {"x": replay.render(replay.base_recipe(cached_base), r["n"], r["seed"])})
+        cached_npz(replay_path, config.digest("replay", base_digest, r), lambda: {"x": replay.render(replay.base_recipe(cached_base), r["n"], r["seed"])})
     _run_finetunes(pending, min(jobs, len(pending)))
     for task in tasks:
         data = datas[task]
@@ -154,15 +166,20 @@ def build(cache: str, quick: bool = False, tasks: tuple[str, ...] = datasets.TAS
         tuned = load_encoder(os.path.join(cache, "tasks", f"{task}.safetensors"))
         acc_base = accuracy(base, weight, data["x_test"], data["y_test"], bias)
         acc_ft = accuracy(tuned, weight, data["x_test"], data["y_test"], bias)
-        results["tasks"][task] = {"pretrained": round(acc_base, 4), "finetuned": round(acc_ft, 4),
-                                  "n_train": int(len(data["y_train"])), "n_test": int(len(data["y_test"])),
-                                  "n_classes": len(data["classes"])}
+        results["tasks"][task] = {
+            "pretrained": round(acc_base, 4),
+            "finetuned": round(acc_ft, 4),
+            "n_train": int(len(data["y_train"])),
+            "n_test": int(len(data["y_test"])),
+            "n_classes": len(data["classes"]),
+        }
         tqdm.write(f"{task:10s} pretrained {100 * acc_base:5.1f}  finetuned {100 * acc_ft:5.1f}")
     accs = results["tasks"].values()
     results["mean"] = {k: round(float(np.mean([a[k] for a in accs])), 4) for k in ("pretrained", "finetuned")}
     results["seconds"] = round(time.time() - t0, 1)
-    print(f"{'mean':10s} pretrained {100 * results['mean']['pretrained']:5.1f}  "
-          f"finetuned {100 * results['mean']['finetuned']:5.1f}   ({results['seconds']:.0f}s)")
+    print(
+        f"{'mean':10s} pretrained {100 * results['mean']['pretrained']:5.1f}  finetuned {100 * results['mean']['finetuned']:5.1f}   ({results['seconds']:.0f}s)"
+    )
     with open(os.path.join(cache, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     return results

@@ -11,6 +11,7 @@ Diagnostic only: it reads each task's label to pick the weights.
 Run: ``python -m benchmarks.zoo.ceiling [--cache DIR] [--lam 0.3]`` (the zoo cache must
 exist: ``python -m benchmarks.zoo build``). Writes ``benchmarks/results/zoo_ceiling.{md,json}``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,7 @@ def default_lambda() -> float:
         return 0.3
 
 
-def decompose(cache: str, lam: float, tasks: tuple[str, ...] = datasets.TASKS
-              ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+def decompose(cache: str, lam: float, tasks: tuple[str, ...] = datasets.TASKS) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
     """Accuracy and mean prediction entropy of every configuration, per task."""
     zoo = load_built(cache, tasks)
     base, own = zoo.base, zoo.own
@@ -84,8 +84,7 @@ def decompose(cache: str, lam: float, tasks: tuple[str, ...] = datasets.TASKS
     return rows, ents
 
 
-def render(rows: dict[str, dict[str, float]], ents: dict[str, dict[str, float]], tasks: list[str], lam: float,
-           seconds: float) -> str:
+def render(rows: dict[str, dict[str, float]], ents: dict[str, dict[str, float]], tasks: list[str], lam: float, seconds: float) -> str:
     mean = {k: float(np.mean(list(v.values()))) for k, v in rows.items()}
     ind = mean[IND_ROW]
     lines = [
@@ -100,13 +99,11 @@ def render(rows: dict[str, dict[str, float]], ents: dict[str, dict[str, float]],
         "|---|" + "---|" * (len(tasks) + 2),
     ]
     for label, row in rows.items():
-        lines.append(f"| {label} | " + " | ".join(f"{100 * row[t]:.1f}" for t in tasks)
-                     + f" | **{100 * mean[label]:.1f}** | {100 * mean[label] / ind:.1f}% |")
+        lines.append(f"| {label} | " + " | ".join(f"{100 * row[t]:.1f}" for t in tasks) + f" | **{100 * mean[label]:.1f}** | {100 * mean[label] / ind:.1f}% |")
     mlp, attn, rest = mean[MLP_ROW], mean[ATTN_ROW], mean[NON_ATTN_ROW]
     lines += [
         "",
-        f"- Own MLPs alone reach {100 * mlp / ind:.1f}% of the individual models: this is the most any "
-        "MLP-only router can give on this zoo.",
+        f"- Own MLPs alone reach {100 * mlp / ind:.1f}% of the individual models: this is the most any MLP-only router can give on this zoo.",
         f"- Adding the task's own attention reaches {100 * attn / ind:.1f}%; adding every other non-MLP group "
         f"instead reaches {100 * rest / ind:.1f}%. The task-specific change that MLP routing cannot "
         "reach sits in the group whose row closes the gap.",

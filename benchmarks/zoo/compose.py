@@ -3,6 +3,7 @@
 Used both on the fly for pretraining augmentation and (seeded) to render glyph tasks,
 so the two share one well-tested code path but draw from disjoint fonts/classes.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,18 +53,20 @@ def _contrasting(bg_mean: torch.Tensor, g: torch.Generator, min_gap: float) -> t
     return fg.clamp(0, 1)
 
 
-def affine(masks: torch.Tensor, g: torch.Generator, rotate: float, scale: tuple[float, float],
-           shift: float, shear: float = 0.15) -> torch.Tensor:
+def affine(masks: torch.Tensor, g: torch.Generator, rotate: float, scale: tuple[float, float], shift: float, shear: float = 0.15) -> torch.Tensor:
     """Random rotation/scale/shear/shift of [n,C,H,W] images (zero padding)."""
     n = masks.shape[0]
     a = _u(n, -rotate, rotate, g) * math.pi / 180
     s = 1.0 / _u(n, *scale, g)  # grid maps output->input, so invert the zoom
     sh = _u(n, -shear, shear, g)
     tx, ty = _u(n, -shift, shift, g), _u(n, -shift, shift, g)
-    theta = torch.stack([
-        torch.stack([s * torch.cos(a), -s * torch.sin(a) + sh, tx], 1),
-        torch.stack([s * torch.sin(a), s * torch.cos(a), ty], 1),
-    ], 1)
+    theta = torch.stack(
+        [
+            torch.stack([s * torch.cos(a), -s * torch.sin(a) + sh, tx], 1),
+            torch.stack([s * torch.sin(a), s * torch.cos(a), ty], 1),
+        ],
+        1,
+    )
     grid = F.affine_grid(theta, list(masks.shape), align_corners=False)
     return F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -78,9 +81,18 @@ def stroke_jitter(m: torch.Tensor, g: torch.Generator, p: float) -> torch.Tensor
     return torch.where(r < p / 2, bold, torch.where(r < p, 0.5 * (m + thin), m))
 
 
-def compose(masks: torch.Tensor, g: torch.Generator, *, rotate: float = 12.0,
-            scale: tuple[float, float] = (0.75, 1.1), shift: float = 0.12, clutter: float = 0.5,
-            stroke_p: float = 0.3, noise: float = 0.04, extra: torch.Tensor | None = None) -> torch.Tensor:
+def compose(
+    masks: torch.Tensor,
+    g: torch.Generator,
+    *,
+    rotate: float = 12.0,
+    scale: tuple[float, float] = (0.75, 1.1),
+    shift: float = 0.12,
+    clutter: float = 0.5,
+    stroke_p: float = 0.3,
+    noise: float = 0.04,
+    extra: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Render glyph coverage masks [n,32,32] uint8 as RGB uint8 images [n,32,32,3].
 
     ``extra`` (optional masks [n,32,32] in [0,1]) are drawn in the foreground colour

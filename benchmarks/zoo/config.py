@@ -3,6 +3,7 @@
 Every cached artifact records the hash of the recipe parts it depends on, so editing
 the recipe (or the base checkpoint) rebuilds exactly what changed.
 """
+
 from __future__ import annotations
 
 import copy
@@ -17,8 +18,7 @@ FULL: dict[str, Any] = {
     "seed": 0,
     "data": {"n_train": 3000, "n_test": 600, "version": 1},
     "heads": {"logit_scale": 30.0, "per_class": 100},
-    "finetune": {"steps": 400, "batch": 32, "lr": 5e-4, "warmup": 40, "weight_decay": 0.0,
-                 "max_shift": 2, "replay_alpha": 1.0, "replay_batch": 8},
+    "finetune": {"steps": 400, "batch": 32, "lr": 5e-4, "warmup": 40, "weight_decay": 0.0, "max_shift": 2, "replay_alpha": 1.0, "replay_batch": 8},
     # pretraining-distribution images for the fine-tunes' feature-preserving term (replay.py)
     "replay": {"n": 4000, "seed": 1},
 }

@@ -5,6 +5,7 @@ scikit-learn's 8x8 digits); five are rendered here (letters in task-only fonts,
 house-number style digits on clutter, procedural textures, shapes, object counting).
 Every builder is deterministic in its seed and returns uint8 images.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,9 +31,13 @@ COUNTS = [str(i) for i in range(1, 7)]
 
 
 def _pack(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray, classes: list[str]) -> Split:
-    return {"x_train": np.ascontiguousarray(x_tr, np.uint8), "y_train": np.asarray(y_tr, np.int64),
-            "x_test": np.ascontiguousarray(x_te, np.uint8), "y_test": np.asarray(y_te, np.int64),
-            "classes": np.asarray(classes, dtype=str)}
+    return {
+        "x_train": np.ascontiguousarray(x_tr, np.uint8),
+        "y_train": np.asarray(y_tr, np.int64),
+        "x_test": np.ascontiguousarray(x_te, np.uint8),
+        "y_test": np.asarray(y_te, np.int64),
+        "classes": np.asarray(classes, dtype=str),
+    }
 
 
 def _gray28_to_rgb32(x: np.ndarray) -> np.ndarray:
@@ -45,7 +50,7 @@ def _split(x: np.ndarray, y: np.ndarray, n_train: int, n_test: int, rng: np.rand
     perm = rng.permutation(len(x))
     if n_train + n_test > len(x):
         raise ValueError(f"asked {n_train}+{n_test} of {len(x)} samples")
-    tr, te = perm[:n_train], perm[n_train:n_train + n_test]
+    tr, te = perm[:n_train], perm[n_train : n_train + n_test]
     return x[tr], y[tr], x[te], y[te]
 
 
@@ -54,7 +59,7 @@ def _read_idx(path: str) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         data = f.read()
     ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -143,8 +148,7 @@ def housenum(n_train: int, n_test: int, seed: int) -> Split:
         gap = torch.from_numpy(rng.integers(17, 24, n))
         extra = _shift(left, -gap) * torch.from_numpy(rng.random(n) < 0.8).float()[:, None, None]
         extra = torch.maximum(extra, _shift(right, gap) * torch.from_numpy(rng.random(n) < 0.8).float()[:, None, None])
-        x = compose.compose(torch.from_numpy(masks[idx]), g, rotate=8, scale=(0.7, 1.0), shift=0.08,
-                            clutter=1.0, noise=0.06, extra=extra)
+        x = compose.compose(torch.from_numpy(masks[idx]), g, rotate=8, scale=(0.7, 1.0), shift=0.08, clutter=1.0, noise=0.06, extra=extra)
         out += [x.numpy(), y]
     return _pack(*out, DIGITS)
 
@@ -206,8 +210,7 @@ def textures(n_train: int, n_test: int, seed: int) -> Split:
         rng.shuffle(y)
         masks = np.stack([_texture_mask(int(k), rng) for k in y])
         g = torch.Generator().manual_seed(seed * 2 + part)
-        x = compose.compose(torch.from_numpy((masks * 255).round().astype(np.uint8)), g, rotate=0, scale=(1, 1),
-                            shift=0, clutter=0.0, stroke_p=0, noise=0.05)
+        x = compose.compose(torch.from_numpy((masks * 255).round().astype(np.uint8)), g, rotate=0, scale=(1, 1), shift=0, clutter=0.0, stroke_p=0, noise=0.05)
         out += [x.numpy(), y]
     return _pack(*out, TEXTURES)
 
@@ -225,8 +228,10 @@ def _shape_mask(k: int, rng: np.random.Generator, res: int = 128) -> np.ndarray:
     elif k == 2:
         d.polygon(poly(3, r, -np.pi / 2), fill=255)
     elif k == 3:
-        pts = [(c + (r if i % 2 == 0 else r * 0.42) * np.cos(np.pi * i / 5 - np.pi / 2),
-                c + (r if i % 2 == 0 else r * 0.42) * np.sin(np.pi * i / 5 - np.pi / 2)) for i in range(10)]
+        pts = [
+            (c + (r if i % 2 == 0 else r * 0.42) * np.cos(np.pi * i / 5 - np.pi / 2), c + (r if i % 2 == 0 else r * 0.42) * np.sin(np.pi * i / 5 - np.pi / 2))
+            for i in range(10)
+        ]
         d.polygon(pts, fill=255)
     elif k == 4:
         a = r * 0.3
@@ -252,8 +257,7 @@ def shapes(n_train: int, n_test: int, seed: int) -> Split:
         rng.shuffle(y)
         masks = np.stack([_shape_mask(int(k), rng) for k in y])
         g = torch.Generator().manual_seed(seed * 2 + part)
-        x = compose.compose(torch.from_numpy(masks), g, rotate=180, scale=(0.45, 1.0), shift=0.2,
-                            clutter=0.5, stroke_p=0)
+        x = compose.compose(torch.from_numpy(masks), g, rotate=180, scale=(0.45, 1.0), shift=0.2, clutter=0.5, stroke_p=0)
         out += [x.numpy(), y]
     return _pack(*out, SHAPES)
 
@@ -288,8 +292,14 @@ def counting(n_train: int, n_test: int, seed: int) -> Split:
 
 
 BUILDERS: dict[str, Callable[[int, int, int], Split]] = {
-    "fashion": fashion, "mnist": mnist, "digits8": digits8, "letters": letters,
-    "housenum": housenum, "textures": textures, "shapes": shapes, "counting": counting,
+    "fashion": fashion,
+    "mnist": mnist,
+    "digits8": digits8,
+    "letters": letters,
+    "housenum": housenum,
+    "textures": textures,
+    "shapes": shapes,
+    "counting": counting,
 }
 # Largest sizes each source allows (digits8 has 1,797 images, mnist 5,000).
 MAX_SIZES: dict[str, tuple[int, int]] = {"digits8": (1297, 500), "mnist": (4000, 1000)}
@@ -297,6 +307,5 @@ MAX_SIZES: dict[str, tuple[int, int]] = {"digits8": (1297, 500), "mnist": (4000,
 
 def build_task(name: str, n_train: int, n_test: int, seed: int) -> Split:
     """Build task ``name``; sizes are capped at what the source holds."""
-    cap = MAX_SIZES.get(name, (10 ** 9, 10 ** 9))
+    cap = MAX_SIZES.get(name, (10**9, 10**9))
     return BUILDERS[name](min(n_train, cap[0]), min(n_test, cap[1]), seed * 1000 + TASKS.index(name))
-

@@ -5,6 +5,7 @@ as for CLIP fine-tunes. With a replay set (``replay.py``) each step also pulls t
 encoder's normalised outputs on pretraining images back to the base's, so the task
 vector changes what this task needs and little else: what makes weight merging work.
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,12 +28,20 @@ def _shift_batch(x: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.T
     n = x.shape[0]
     pad = F.pad(x, (max_shift,) * 4, mode="replicate")
     dx, dy = torch.randint(0, 2 * max_shift + 1, (2, n), generator=g)
-    return torch.stack([pad[i, :, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32] for i in range(n)])
+    return torch.stack([pad[i, :, dy[i] : dy[i] + 32, dx[i] : dx[i] + 32] for i in range(n)])
 
 
-def finetune(base: torch.nn.Module, weight: torch.Tensor, x: np.ndarray, y: np.ndarray, cfg: dict[str, Any],
-             seed: int, desc: str = "finetune", progress: bool = True,
-             replay: np.ndarray | None = None) -> torch.nn.Module:
+def finetune(
+    base: torch.nn.Module,
+    weight: torch.Tensor,
+    x: np.ndarray,
+    y: np.ndarray,
+    cfg: dict[str, Any],
+    seed: int,
+    desc: str = "finetune",
+    progress: bool = True,
+    replay: np.ndarray | None = None,
+) -> torch.nn.Module:
     """Return a fine-tuned copy of ``base`` (AdamW, linear warmup then cosine to 0).
 
     ``replay`` (uint8 images) with ``cfg["replay_alpha"] > 0`` adds
@@ -59,8 +68,8 @@ def finetune(base: torch.nn.Module, weight: torch.Tensor, x: np.ndarray, y: np.n
             # one forward over task and replay images (LayerNorm only: rows do not interact)
             ri = torch.from_numpy(rng_r.integers(0, len(xr), cfg["replay_batch"]))
             out = model(torch.cat([inp, preprocess(xr[ri])]))
-            drift = F.normalize(out[len(idx):], dim=-1) - target[ri]
-            loss = F.cross_entropy(logits(out[:len(idx)], weight), yt[idx]) + alpha * drift.pow(2).sum(1).mean()
+            drift = F.normalize(out[len(idx) :], dim=-1) - target[ri]
+            loss = F.cross_entropy(logits(out[: len(idx)], weight), yt[idx]) + alpha * drift.pow(2).sum(1).mean()
         else:
             loss = F.cross_entropy(logits(model(inp), weight), yt[idx])
         opt.zero_grad(set_to_none=True)

@@ -3,6 +3,7 @@
 Fonts are split by family into a *pretraining* pool and a disjoint *task* pool so that
 the letters / house-number tasks never show the base model a font it was trained on.
 """
+
 from __future__ import annotations
 
 import functools

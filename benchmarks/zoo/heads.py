@@ -3,6 +3,7 @@
 These play CLIP's text-derived head: fitted once on the *pretrained* encoder and then
 frozen for fine-tuning and merging, so every model of a task shares one head.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ def features(model: torch.nn.Module, x: np.ndarray | torch.Tensor, batch: int = 
     """Encoder outputs (CLS -> ln_post -> proj) for uint8 images [N,32,32,3]."""
     model.eval()
     x = torch.as_tensor(x)
-    return torch.cat([model(preprocess(x[i:i + batch])) for i in range(0, len(x), batch)])
+    return torch.cat([model(preprocess(x[i : i + batch])) for i in range(0, len(x), batch)])
 
 
 def balanced_subset(y: np.ndarray, per_class: int, seed: int) -> np.ndarray:

@@ -9,6 +9,7 @@ numbers cannot show merging helping, whatever the merge method.
 Run: ``python -m benchmarks.zoo.interference [--cache DIR] [--lam 0.3] [--out PATH]``; writes
 ``benchmarks/results/zoo_interference.{md,json}`` by default.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,16 +36,19 @@ def interference(zoo: BuiltZoo, tasks: list[str], lam: float) -> dict[str, dict[
         merged = task_arithmetic(zoo.base, [zoo.own[src]], lam)
         rows[src] = {t: zoo.score(merged, t) - pre[t] for t in tasks}
         print(f"{src:10s} " + " ".join(f"{100 * v:+6.1f}" for v in rows[src].values()), flush=True)
-    rows[ALL_BUT_OWN] = {t: zoo.score(task_arithmetic(zoo.base, [zoo.own[s] for s in tasks if s != t], lam), t) - pre[t]
-                         for t in tasks}
+    rows[ALL_BUT_OWN] = {t: zoo.score(task_arithmetic(zoo.base, [zoo.own[s] for s in tasks if s != t], lam), t) - pre[t] for t in tasks}
     return rows
 
 
 def summary(rows: dict[str, dict[str, float]], tasks: list[str]) -> dict[str, float]:
     own = [rows[t][t] for t in tasks]
     foreign = [rows[s][t] for s in tasks for t in tasks if s != t]
-    return {"own_gain_mean": float(np.mean(own)), "foreign_change_mean": float(np.mean(foreign)),
-            "foreign_change_min": float(np.min(foreign)), "all_others_mean": float(np.mean(list(rows[ALL_BUT_OWN].values())))}
+    return {
+        "own_gain_mean": float(np.mean(own)),
+        "foreign_change_mean": float(np.mean(foreign)),
+        "foreign_change_min": float(np.min(foreign)),
+        "all_others_mean": float(np.mean(list(rows[ALL_BUT_OWN].values()))),
+    }
 
 
 def render(rows: dict[str, dict[str, float]], tasks: list[str], lam: float, seconds: float, cache: str) -> str:
@@ -62,8 +66,11 @@ def render(rows: dict[str, dict[str, float]], tasks: list[str], lam: float, seco
     ]
     for src, row in rows.items():
         others = [row[t] for t in tasks if t != src]
-        lines.append(f"| {src} | " + " | ".join(f"**{100 * row[t]:+.1f}**" if t == src else f"{100 * row[t]:+.1f}" for t in tasks)
-                     + (f" | {100 * np.mean(others):+.1f} |" if src in tasks else " | |"))
+        lines.append(
+            f"| {src} | "
+            + " | ".join(f"**{100 * row[t]:+.1f}**" if t == src else f"{100 * row[t]:+.1f}" for t in tasks)
+            + (f" | {100 * np.mean(others):+.1f} |" if src in tasks else " | |")
+        )
     lines += [
         "",
         f"- Own gain (diagonal) averages {100 * s['own_gain_mean']:+.1f} points; one foreign vector changes another "
@@ -88,8 +95,18 @@ def main() -> None:
     rows = interference(load_built(args.cache, tuple(tasks)), tasks, args.lam)
     seconds = time.time() - t0
     with open(args.out + ".json", "w") as f:
-        json.dump({"tasks": tasks, "lambda": args.lam, "cache": os.path.relpath(args.cache, REPO), "rows": rows,
-                   "summary": summary(rows, tasks), "seconds": round(seconds, 1)}, f, indent=1)
+        json.dump(
+            {
+                "tasks": tasks,
+                "lambda": args.lam,
+                "cache": os.path.relpath(args.cache, REPO),
+                "rows": rows,
+                "summary": summary(rows, tasks),
+                "seconds": round(seconds, 1),
+            },
+            f,
+            indent=1,
+        )
     with open(args.out + ".md", "w") as f:
         f.write(render(rows, tasks, args.lam, seconds, args.cache))
     print(f"wrote {args.out}.md and .json")

@@ -9,6 +9,7 @@ schedule at 2 threads took 24 min on the 2-core machine; held-out-font top-1 63%
 ``--broad`` adds the pretraining-only shapes, textures and glyph scatters of ``broad.py``
 (attempt 3 in ATTEMPTS.md; not the committed base).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,17 +45,34 @@ CHAR_GROUPS: dict[str, str] = {
 }
 
 DEFAULT_RECIPE: dict[str, Any] = {
-    "arch": {"image_size": 32, "patch_size": 4, "width": 128, "layers": 6, "heads": 4,
-             "mlp_ratio": 4.0, "output_dim": 128},
-    "data": {"char_groups": CHAR_GROUPS, "font_pool": "pretrain", "heldout_font_every": 7,
-             "box": 24, "clutter": 0.5, "rotate": 12.0, "scale": [0.7, 1.1], "shift": 0.12},
-    "train": {"seed": 0, "steps": 1800, "stop_after": 1800, "batch": 128, "lr": 1e-3, "min_lr": 1e-5, "warmup": 150,
-              "weight_decay": 0.05, "label_smoothing": 0.1, "cos_scale": 16.0, "threads": 2},
+    "arch": {"image_size": 32, "patch_size": 4, "width": 128, "layers": 6, "heads": 4, "mlp_ratio": 4.0, "output_dim": 128},
+    "data": {
+        "char_groups": CHAR_GROUPS,
+        "font_pool": "pretrain",
+        "heldout_font_every": 7,
+        "box": 24,
+        "clutter": 0.5,
+        "rotate": 12.0,
+        "scale": [0.7, 1.1],
+        "shift": 0.12,
+    },
+    "train": {
+        "seed": 0,
+        "steps": 1800,
+        "stop_after": 1800,
+        "batch": 128,
+        "lr": 1e-3,
+        "min_lr": 1e-5,
+        "warmup": 150,
+        "weight_decay": 0.05,
+        "label_smoothing": 0.1,
+        "cos_scale": 16.0,
+        "threads": 2,
+    },
 }
 
 
-BROAD_DEFAULT: dict[str, Any] = {"seed": 0, "shape_variants": 24, "texture_variants": 48,
-                                 "shape_frac": 0.125, "texture_frac": 0.125, "scatter_frac": 0.2}
+BROAD_DEFAULT: dict[str, Any] = {"seed": 0, "shape_variants": 24, "texture_variants": 48, "shape_frac": 0.125, "texture_frac": 0.125, "scatter_frac": 0.2}
 
 
 def class_chars(groups: dict[str, str]) -> list[str]:
@@ -84,9 +102,13 @@ def build_bank(recipe: dict[str, Any]) -> dict[str, np.ndarray]:
         sm, sk = broad.shape_bank(b["shape_variants"], b["seed"])
         tm, tk = broad.texture_bank(b["texture_variants"], b["seed"] + 1)
         n_glyph = len(chars)
-        bank.update(shape_masks=sm, shape_labels=sk + n_glyph, texture_masks=tm,
-                    texture_labels=tk + n_glyph + len(broad.BROAD_SHAPES),
-                    n_classes=np.array(n_glyph + len(broad.BROAD_SHAPES) + len(broad.BROAD_TEXTURES)))
+        bank.update(
+            shape_masks=sm,
+            shape_labels=sk + n_glyph,
+            texture_masks=tm,
+            texture_labels=tk + n_glyph + len(broad.BROAD_SHAPES),
+            n_classes=np.array(n_glyph + len(broad.BROAD_SHAPES) + len(broad.BROAD_TEXTURES)),
+        )
     return bank
 
 
@@ -107,8 +129,9 @@ def _sample(bank: dict[str, np.ndarray], idx: np.ndarray, g: torch.Generator, d:
     return compose.compose(m, g, rotate=d["rotate"], scale=tuple(d["scale"]), shift=d["shift"], clutter=d["clutter"])
 
 
-def sample_batch(bank: dict[str, np.ndarray], train_idx: np.ndarray, batch: int, rng: np.random.Generator,
-                  g: torch.Generator, d: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_batch(
+    bank: dict[str, np.ndarray], train_idx: np.ndarray, batch: int, rng: np.random.Generator, g: torch.Generator, d: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One training batch (uint8 images, labels): glyphs, plus the broad kinds when the recipe has them."""
     b = d.get("broad")
     if not b:
@@ -119,14 +142,13 @@ def sample_batch(bank: dict[str, np.ndarray], train_idx: np.ndarray, batch: int,
     n_scatter = round(n_glyph * b["scatter_frac"])
     idx = train_idx[rng.integers(0, len(train_idx), n_glyph)]
     plain = _sample(bank, idx[n_scatter:], g, d)
-    scattered = compose.compose(broad.scatter(torch.from_numpy(bank["masks"][idx[:n_scatter]]), g), g,
-                                rotate=0.0, scale=(1.0, 1.0), shift=0.0, clutter=d["clutter"])
+    scattered = compose.compose(
+        broad.scatter(torch.from_numpy(bank["masks"][idx[:n_scatter]]), g), g, rotate=0.0, scale=(1.0, 1.0), shift=0.0, clutter=d["clutter"]
+    )
     si = rng.integers(0, len(bank["shape_labels"]), n_shape)
-    shapes = compose.compose(torch.from_numpy(bank["shape_masks"][si]), g, rotate=180.0, scale=(0.45, 1.0),
-                             shift=0.2, clutter=d["clutter"], stroke_p=0.0)
+    shapes = compose.compose(torch.from_numpy(bank["shape_masks"][si]), g, rotate=180.0, scale=(0.45, 1.0), shift=0.2, clutter=d["clutter"], stroke_p=0.0)
     ti = rng.integers(0, len(bank["texture_labels"]), n_tex)
-    tex = compose.compose(torch.from_numpy(bank["texture_masks"][ti]), g, rotate=0.0, scale=(1.0, 1.0),
-                          shift=0.0, clutter=0.0, stroke_p=0.0, noise=0.05)
+    tex = compose.compose(torch.from_numpy(bank["texture_masks"][ti]), g, rotate=0.0, scale=(1.0, 1.0), shift=0.0, clutter=0.0, stroke_p=0.0, noise=0.05)
     x = torch.cat([scattered, plain, shapes, tex])
     y = torch.from_numpy(np.concatenate([bank["labels"][idx], bank["shape_labels"][si], bank["texture_labels"][ti]]))
     return x, y
@@ -144,13 +166,12 @@ def evaluate(model: torch.nn.Module, head: CosineHead, x: torch.Tensor, y: torch
     model.eval()
     correct = 0
     for i in range(0, len(x), 256):
-        correct += (head(model(preprocess(x[i:i + 256]))).argmax(1) == y[i:i + 256]).sum().item()
+        correct += (head(model(preprocess(x[i : i + 256]))).argmax(1) == y[i : i + 256]).sum().item()
     model.train()
     return correct / len(x)
 
 
-def pretrain(recipe: dict[str, Any], out: str = BASE_PATH, log_every: int = 50,
-             snapshot: str | None = None) -> dict[str, Any]:
+def pretrain(recipe: dict[str, Any], out: str = BASE_PATH, log_every: int = 50, snapshot: str | None = None) -> dict[str, Any]:
     """Train the base from scratch; ``snapshot`` (optional path) gets a copy at every evaluation."""
     t = recipe["train"]
     d = recipe["data"]
@@ -165,16 +186,14 @@ def pretrain(recipe: dict[str, Any], out: str = BASE_PATH, log_every: int = 50,
     rng = np.random.default_rng(t["seed"])
     ev_idx = rng.choice(held_idx, 2000, replace=len(held_idx) < 2000)
     x_ev, y_ev = _sample(bank, ev_idx, ge, d), torch.from_numpy(bank["labels"][ev_idx])
-    print(f"bank: {len(bank['labels'])} masks, {n_cls} classes, {len(train_idx)} train / {len(held_idx)} held-out "
-          f"({time.time() - t0:.0f}s)", flush=True)
+    print(f"bank: {len(bank['labels'])} masks, {n_cls} classes, {len(train_idx)} train / {len(held_idx)} held-out ({time.time() - t0:.0f}s)", flush=True)
 
     model = build_vit(recipe["arch"])
     head = CosineHead(recipe["arch"]["output_dim"], n_cls, t["cos_scale"])
     params = list(model.parameters()) + list(head.parameters())
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=t["lr"], betas=(0.9, 0.98))
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}], lr=t["lr"], betas=(0.9, 0.98))
     g = torch.Generator().manual_seed(t["seed"] + 2)
     run_loss, run_acc = 0.0, 0.0
     # ``steps`` sets the lr schedule; ``stop_after`` (<= steps) ends training early on that schedule.
@@ -202,9 +221,15 @@ def pretrain(recipe: dict[str, Any], out: str = BASE_PATH, log_every: int = 50,
     elapsed = time.time() - t0
     n_params = sum(p.numel() for p in model.parameters())
     save_encoder(model, out, recipe["arch"], {"recipe": json.dumps(recipe, sort_keys=True, ensure_ascii=False)})
-    return {"heldout_top1": round(acc, 4), "heldout_samples": len(ev_idx), "n_classes": n_cls,
-            "n_masks": int(len(bank["labels"])), "n_params": n_params, "seconds": round(elapsed),
-            "threads": t["threads"]}
+    return {
+        "heldout_top1": round(acc, 4),
+        "heldout_samples": len(ev_idx),
+        "n_classes": n_cls,
+        "n_masks": int(len(bank["labels"])),
+        "n_params": n_params,
+        "seconds": round(elapsed),
+        "threads": t["threads"],
+    }
 
 
 def main() -> None:
@@ -215,12 +240,10 @@ def main() -> None:
     ap.add_argument("--recipe-out", default=RECIPE_PATH)
     ap.add_argument("--snapshot", default=None, help="path for intermediate checkpoints")
     ap.add_argument("--threads", type=int, default=None, help="override torch threads")
-    ap.add_argument("--broad", action="store_true",
-                    help="add the pretraining-only shapes, textures and glyph scatters (benchmarks/zoo/broad.py)")
+    ap.add_argument("--broad", action="store_true", help="add the pretraining-only shapes, textures and glyph scatters (benchmarks/zoo/broad.py)")
     args = ap.parse_args()
     if args.broad and (os.path.abspath(args.out) == BASE_PATH or os.path.abspath(args.recipe_out) == RECIPE_PATH):
-        ap.error("--broad is an experiment (ATTEMPTS.md, attempt 3): give --out and --recipe-out outside the "
-                 "committed base and recipe")
+        ap.error("--broad is an experiment (ATTEMPTS.md, attempt 3): give --out and --recipe-out outside the committed base and recipe")
     recipe = json.loads(json.dumps(DEFAULT_RECIPE))
     if os.path.exists(RECIPE_PATH) and args.steps is None:
         recipe = {k: v for k, v in json.load(open(RECIPE_PATH)).items() if k in DEFAULT_RECIPE}

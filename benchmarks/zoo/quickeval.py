@@ -4,6 +4,7 @@ Per task, with each task's own head: pretrained base, the task's own fine-tuned 
 simple averaging, and task arithmetic theta_0 + lam * sum_i (theta_i - theta_0) on a grid.
 Run: ``python -m benchmarks.zoo.quickeval [--cache DIR] [--json OUT]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,7 @@ def require_built(cache: str) -> None:
     """One-line refusal (SystemExit) when the zoo at ``cache`` has not been built."""
     missing = [t for t in datasets.TASKS if not os.path.exists(os.path.join(cache, "tasks", f"{t}.safetensors"))]
     if missing:
-        raise SystemExit(f"error: no built zoo at {cache} (missing {', '.join(missing)}): "
-                         "run `python -m benchmarks.zoo build` first")
+        raise SystemExit(f"error: no built zoo at {cache} (missing {', '.join(missing)}): run `python -m benchmarks.zoo build` first")
 
 
 def load_built(cache: str, tasks: tuple[str, ...] = datasets.TASKS) -> BuiltZoo:
@@ -78,9 +78,13 @@ def load_built(cache: str, tasks: tuple[str, ...] = datasets.TASKS) -> BuiltZoo:
         with np.load(os.path.join(cache, "data", f"{t}.npz")) as z:
             tests[t] = (z["x_test"], z["y_test"])
         heads[t] = load_head(os.path.join(cache, "heads", f"head_{t}.safetensors"))
-    return BuiltZoo(model=load_encoder(base_path), base=load_state(base_path)[0],
-                    own={t: load_state(os.path.join(cache, "tasks", f"{t}.safetensors"))[0] for t in tasks},
-                    tests=tests, heads=heads)
+    return BuiltZoo(
+        model=load_encoder(base_path),
+        base=load_state(base_path)[0],
+        own={t: load_state(os.path.join(cache, "tasks", f"{t}.safetensors"))[0] for t in tasks},
+        tests=tests,
+        heads=heads,
+    )
 
 
 def evaluate(cache: str, tasks: tuple[str, ...] = datasets.TASKS, lambdas: tuple[float, ...] = LAMBDAS) -> dict[str, Any]:
@@ -98,8 +102,7 @@ def evaluate(cache: str, tasks: tuple[str, ...] = datasets.TASKS, lambdas: tuple
         rows[f"ta@{lam}"] = score(task_arithmetic(base_sd, task_sds, lam))
     means = {k: float(np.mean(list(v.values()))) for k, v in rows.items()}
     best = max((k for k in rows if k.startswith("ta@")), key=lambda k: means[k])
-    out = {"tasks": list(tasks), "rows": rows, "means": means, "ta_best": best,
-           "task_vector_ratio": dict(zip(tasks, task_vector_ratio(base_sd, task_sds)))}
+    out = {"tasks": list(tasks), "rows": rows, "means": means, "ta_best": best, "task_vector_ratio": dict(zip(tasks, task_vector_ratio(base_sd, task_sds)))}
     out["bar"] = {
         "individual>=85": means["individual"] >= 0.85,
         "individual-pretrained>=20": means["individual"] - means["pretrained"] >= 0.20,

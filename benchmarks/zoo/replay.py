@@ -8,6 +8,7 @@ on pretraining images where they were (feature distillation on a reference set, 
 LwF / ZSCL). The set is rendered from the recipe stored in the base checkpoint, so it never
 contains task data.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,6 +39,5 @@ def render(recipe: dict[str, Any], n: int, seed: int) -> np.ndarray:
     train_idx = np.flatnonzero(~bank["held"])
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
-    parts = [pretrain.sample_batch(bank, train_idx, min(CHUNK, n - i), rng, g, recipe["data"])[0]
-             for i in range(0, n, CHUNK)]
+    parts = [pretrain.sample_batch(bank, train_idx, min(CHUNK, n - i), rng, g, recipe["data"])[0] for i in range(0, n, CHUNK)]
     return torch.cat(parts).numpy()

@@ -6,6 +6,7 @@ possible (root on a Debian-based machine), and otherwise the run stops with one
 line naming the command that installs them. ``.ci/run`` runs
 ``python -m benchmarks.zoo.requirements`` for the same list.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,8 +54,9 @@ def ensure(install: bool = True) -> None:
         todo = missing()
         if not todo:
             return
-    raise SystemExit(f"error: the benchmark zoo needs data and fonts from Debian packages that are not installed "
-                     f"({', '.join(todo)}): run `{install_command(todo)}`")
+    raise SystemExit(
+        f"error: the benchmark zoo needs data and fonts from Debian packages that are not installed ({', '.join(todo)}): run `{install_command(todo)}`"
+    )
 
 
 def main() -> None:

@@ -56,14 +56,15 @@ def run_export(opts: dict[str, Any]) -> None:
     dtype = record.torch_dtype
     native = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in native.items()}
     config = {k: record.raw[k] for k in KEPT if k in record.raw}
-    config.update({
-        "format_version": format_version("wemoe-export"),
-        "method": "wemoe-export",
-        "parameters": {"task": task, "mean_routing": coefs.tolist(), "routing_order": model.route_labels(), "data": str(data_path),
-                       "images": len(data)},
-        "tasks": [task],
-        "source": str(Path(opts["model"])),
-    })
+    config.update(
+        {
+            "format_version": format_version("wemoe-export"),
+            "method": "wemoe-export",
+            "parameters": {"task": task, "mean_routing": coefs.tolist(), "routing_order": model.route_labels(), "data": str(data_path), "images": len(data)},
+            "tasks": [task],
+            "source": str(Path(opts["model"])),
+        }
+    )
     heads = {task: model.heads[task]} if task in model.heads else None
     with AtomicDirectory(opts["out"], bool(opts.get("force"))) as tmp:
         entries = [(k, v.dtype, tuple(v.shape)) for k, v in native.items()]

@@ -16,8 +16,14 @@ def run_inspect(path: str, arch: str | None) -> None:
     if record is not None and record.is_moe:
         from wemoe.saved import describe_wemoe
 
-        lines = [f"path:          {path}", f"architecture:  {record.architecture.summary()}", f"base scheme:   {record.scheme}",
-                 f"tasks:         {', '.join(record.tasks)}", *describe_wemoe(record), f"dtype:         {record.dtype}"]
+        lines = [
+            f"path:          {path}",
+            f"architecture:  {record.architecture.summary()}",
+            f"base scheme:   {record.scheme}",
+            f"tasks:         {', '.join(record.tasks)}",
+            *describe_wemoe(record),
+            f"dtype:         {record.dtype}",
+        ]
         click.echo("\n".join(lines))
         return
     ckpt = open_checkpoint(path, arch)

@@ -34,5 +34,10 @@ def run_routes(opts: dict[str, Any]) -> None:
     if opts.get("png"):
         routing_heatmap(model, means, opts["png"])
     if opts.get("json_path"):
-        report = {"experts": model.task_names, "blocks": model.moe_blocks, "routes": model.route_labels(), "mean_routing": {n: m.tolist() for n, m in means.items()}}
+        report = {
+            "experts": model.task_names,
+            "blocks": model.moe_blocks,
+            "routes": model.route_labels(),
+            "mean_routing": {n: m.tolist() for n, m in means.items()},
+        }
         Path(opts["json_path"]).write_text(json.dumps(report, indent=2) + "\n")

@@ -67,7 +67,7 @@ def clean_stale(dest: Path) -> None:
     for entry in parent.iterdir():
         if entry.name.startswith(prefix) and entry.is_dir():
             try:
-                pid = int(entry.name[len(prefix):].split("-")[0])
+                pid = int(entry.name[len(prefix) :].split("-")[0])
             except ValueError:
                 continue
             if not _pid_alive(pid):

@@ -209,9 +209,7 @@ _Unsafe = pickle.UnpicklingError
 
 
 def _typed_storage(storage: object) -> torch.storage.TypedStorage:
-    if not isinstance(storage, torch.storage.TypedStorage) or not isinstance(
-        getattr(storage, "_untyped_storage", None), torch.UntypedStorage
-    ):
+    if not isinstance(storage, torch.storage.TypedStorage) or not isinstance(getattr(storage, "_untyped_storage", None), torch.UntypedStorage):
         raise _Unsafe(f"tensor rebuilt from a {type(storage).__name__}, not a torch storage")
     return storage
 
@@ -270,16 +268,27 @@ def _rebuild_tensor(storage: object, storage_offset: object, size: object, strid
 
 
 def _rebuild_tensor_v2(
-    storage: object, storage_offset: object, size: object, stride: object,
-    requires_grad: object = False, backward_hooks: object = None, metadata: object = None,
+    storage: object,
+    storage_offset: object,
+    size: object,
+    stride: object,
+    requires_grad: object = False,
+    backward_hooks: object = None,
+    metadata: object = None,
 ) -> torch.Tensor:
     """``torch._utils._rebuild_tensor_v2`` minus autograd state (hooks are never attached)."""
     return _apply_metadata(_view(storage, storage_offset, size, stride, None), metadata)
 
 
 def _rebuild_tensor_v3(
-    storage: object, storage_offset: object, size: object, stride: object,
-    requires_grad: object, backward_hooks: object, dtype: object, metadata: object = None,
+    storage: object,
+    storage_offset: object,
+    size: object,
+    stride: object,
+    requires_grad: object,
+    backward_hooks: object,
+    dtype: object,
+    metadata: object = None,
 ) -> torch.Tensor:
     """``torch._utils._rebuild_tensor_v3`` minus autograd state."""
     return _apply_metadata(_view(storage, storage_offset, size, stride, _dtype(dtype)), metadata)
@@ -301,8 +310,12 @@ def _rebuild_device_tensor_from_cpu_tensor(data: object, dtype: object, device: 
 
 
 _TENSOR_REBUILDERS: tuple[Callable[..., torch.Tensor], ...] = (
-    _rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter,
-    _rebuild_parameter_with_state, _rebuild_device_tensor_from_cpu_tensor,
+    _rebuild_tensor,
+    _rebuild_tensor_v2,
+    _rebuild_tensor_v3,
+    _rebuild_parameter,
+    _rebuild_parameter_with_state,
+    _rebuild_device_tensor_from_cpu_tensor,
 )
 
 
@@ -389,9 +402,7 @@ def _build_allowed() -> dict[tuple[str, str], object]:
 #: Exact ``(module, name)`` pairs a file may name; everything else becomes inert.
 _ALLOWED: dict[tuple[str, str], object] = _build_allowed()
 # torch.UntypedStorage is only compared against (persistent ids), never called.
-_ALLOWED_CALLABLES: dict[int, object] = {
-    id(v): v for v in _ALLOWED.values() if callable(v) and v is not torch.UntypedStorage
-}
+_ALLOWED_CALLABLES: dict[int, object] = {id(v): v for v in _ALLOWED.values() if callable(v) and v is not torch.UntypedStorage}
 # Python 2 module names that protocol 0-2 pickles may use.
 _MODULE_ALIASES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 _STORAGE_TYPE = getattr(torch.serialization, "StorageType", None)
@@ -548,9 +559,15 @@ def _restricted_pickle_module(recorder: set[str]) -> types.ModuleType:
                 raise _Unsafe(f"ADDITEMS on a {type(target).__name__}")
 
         for _opcode, _handler in (
-            (pickle.REDUCE, load_reduce), (pickle.NEWOBJ, load_newobj), (pickle.NEWOBJ_EX, load_newobj_ex),
-            (pickle.BUILD, load_build), (pickle.APPEND, load_append), (pickle.APPENDS, load_appends),
-            (pickle.SETITEM, load_setitem), (pickle.SETITEMS, load_setitems), (pickle.ADDITEMS, load_additems),
+            (pickle.REDUCE, load_reduce),
+            (pickle.NEWOBJ, load_newobj),
+            (pickle.NEWOBJ_EX, load_newobj_ex),
+            (pickle.BUILD, load_build),
+            (pickle.APPEND, load_append),
+            (pickle.APPENDS, load_appends),
+            (pickle.SETITEM, load_setitem),
+            (pickle.SETITEMS, load_setitems),
+            (pickle.ADDITEMS, load_additems),
         ):
             dispatch[_opcode[0]] = _handler
         del _opcode, _handler

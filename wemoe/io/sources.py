@@ -121,8 +121,27 @@ def _unwrap_state_dict(obj: object) -> object:
 # Globals no checkpoint needs and every code-execution payload uses. The restricted
 # unpickler never calls them (they come back inert), but a file naming them is
 # hostile, so its tensors are not trusted either.
-CODE_MODULES = {"os", "posix", "nt", "subprocess", "pty", "sys", "shutil", "socket", "runpy", "importlib", "code",
-                "codeop", "ctypes", "webbrowser", "pickle", "marshal", "multiprocessing", "commands", "platform"}
+CODE_MODULES = {
+    "os",
+    "posix",
+    "nt",
+    "subprocess",
+    "pty",
+    "sys",
+    "shutil",
+    "socket",
+    "runpy",
+    "importlib",
+    "code",
+    "codeop",
+    "ctypes",
+    "webbrowser",
+    "pickle",
+    "marshal",
+    "multiprocessing",
+    "commands",
+    "platform",
+}
 CODE_BUILTINS = {"exec", "eval", "compile", "__import__", "open", "breakpoint", "input", "globals", "locals", "vars"}
 
 
@@ -146,7 +165,7 @@ def _open_torch_file(path: Path) -> InMemorySource:
             raise WemoeError(f"cannot read torch file ({type(first_error).__name__}; {type(exc).__name__}: {exc})", path=path) from None
         dangerous = [g for g in getattr(loaded, "inert_globals", ()) if _runs_code(g)]
         if dangerous:
-            raise WemoeError(f"refusing a pickle that calls {dangerous[0]} (it would run code if loaded by torch.load)", path=path)
+            raise WemoeError(f"refusing a pickle that calls {dangerous[0]} (it would run code if loaded by torch.load)", path=path) from None
         meta = {k: str(v) for k, v in getattr(loaded, "attributes", {}).items()}
         return InMemorySource(path, dict(loaded.state_dict), meta)
     tensors = _flatten_tensors(_unwrap_state_dict(obj))

@@ -60,8 +60,7 @@ def merged_tensors(
         yield name, base.get_extra(name)
 
 
-def write_plain_merge(job, directory: Path, fn: TensorMerge, record_extra: dict | None = None,
-                      report_extra: dict | None = None) -> None:
+def write_plain_merge(job, directory: Path, fn: TensorMerge, record_extra: dict | None = None, report_extra: dict | None = None) -> None:
     """Stream ``fn`` over every tensor into ``directory``: model, heads, config.json, report.json."""
     inputs = job.inputs
     out_dtype = job.dtype or inputs.base.dtype("blocks.0.mlp.fc1.weight")
@@ -69,8 +68,11 @@ def write_plain_merge(job, directory: Path, fn: TensorMerge, record_extra: dict 
     config.update(record_extra or {})
     started = time.perf_counter()
     write_output(
-        directory, config, native_entries(inputs, job.dtype),
-        lambda: merged_tensors(inputs, fn, job.dtype, job.device, job.progress), heads=job.heads,
+        directory,
+        config,
+        native_entries(inputs, job.dtype),
+        lambda: merged_tensors(inputs, fn, job.dtype, job.device, job.progress),
+        heads=job.heads,
         report=lambda: {"seconds": round(time.perf_counter() - started, 3), "device": job.device, **(report_extra or {})},
         shard_size=job.shard_size,
     )

@@ -86,10 +86,16 @@ def _compare(base: Checkpoint, task: Checkpoint, base_stated: dict) -> tuple[str
             raise WemoeError("missing tensor (the base has it)", path=task.path, tensor=base.native_names(key)[0])
         bs, ts = base.shape(key), task.shape(key)
         if bs != ts:
-            raise WemoeError(f"shape {list(ts)} does not match the base's {list(bs)} (different architecture?)", path=task.path, tensor=task.native_names(key)[0])
+            raise WemoeError(
+                f"shape {list(ts)} does not match the base's {list(bs)} (different architecture?)", path=task.path, tensor=task.native_names(key)[0]
+            )
         bd, td = base.dtype(key), task.dtype(key)
         if bd != td:
-            raise WemoeError(f"dtype {str(td).replace('torch.', '')} does not match the base's {str(bd).replace('torch.', '')}", path=task.path, tensor=task.native_names(key)[0])
+            raise WemoeError(
+                f"dtype {str(td).replace('torch.', '')} does not match the base's {str(bd).replace('torch.', '')}",
+                path=task.path,
+                tensor=task.native_names(key)[0],
+            )
     # Tasks are opened with the base's heads and activation (shapes cannot tell them);
     # a task whose own files state different ones is a different architecture.
     stated = _stated_arch(task)

@@ -25,5 +25,4 @@ from wemoe.methods import ties  # noqa: F401  isort: skip
 from wemoe.methods import adamerging  # noqa: F401  isort: skip
 from wemoe.methods import weight_ensembling  # noqa: F401  isort: skip
 
-__all__ = ["REGISTRY", "MergeMethod", "ParamInfo", "all_params", "build_params", "get_method", "method_names", "param",
-           "params_record", "register"]
+__all__ = ["REGISTRY", "MergeMethod", "ParamInfo", "all_params", "build_params", "get_method", "method_names", "param", "params_record", "register"]

@@ -54,8 +54,7 @@ class AdaMerging(MergeMethod):
     def plan(self, job) -> list[str]:
         p: AdaMerging.Params = job.params
         steps = p.steps if job.state["data"] else 0
-        return [f"adapt:   {steps} steps, lr {p.lr}, {p.batch_size} images/task/step, cosine {p.cosine}",
-                *data_plan(job, job.state["data"])]
+        return [f"adapt:   {steps} steps, lr {p.lr}, {p.batch_size} images/task/step, cosine {p.cosine}", *data_plan(job, job.state["data"])]
 
     def run(self, job, directory: Path) -> str:
         from wemoe.adapt import adapt_parameters
@@ -70,8 +69,21 @@ class AdaMerging(MergeMethod):
         model = CoefficientMergedViT(job.inputs, p.granularity, p.lam, job.device)
         result = None
         if data and steps:
-            result = adapt_parameters(model, [model.raw], job.heads, {t: d.data for t, d in data.items()}, model.arch, steps,
-                                      p.lr, p.batch_size, p.cosine, job.seed, job.device, job.progress, desc="adapting coefficients")
+            result = adapt_parameters(
+                model,
+                [model.raw],
+                job.heads,
+                {t: d.data for t, d in data.items()},
+                model.arch,
+                steps,
+                p.lr,
+                p.batch_size,
+                p.cosine,
+                job.seed,
+                job.device,
+                job.progress,
+                desc="adapting coefficients",
+            )
         coefficients = model.coefficients().detach().cpu()
         per_key = {k: model.coefficients_of(k).cpu() for k in model.keys}
         adapt_seconds = time.perf_counter() - started
@@ -80,19 +92,28 @@ class AdaMerging(MergeMethod):
         def merge(key: str, base: torch.Tensor, taus) -> torch.Tensor:
             return weighted_task_arithmetic(base, taus, per_key[key]) if key in per_key else base
 
-        record = {"adamerging": {
-            "granularity": p.granularity,
-            "groups": ["all"] if p.granularity == "task" else list(per_key),
-            "coefficients": {t: [round(v, 6) for v in coefficients[i].tolist()] for i, t in enumerate(job.inputs.task_names)},
-            "adaptation": {
-                "data": {t: d.record(p.split) for t, d in data.items()},
-                "steps": steps, "lr": p.lr, "batch_size": p.batch_size, "cosine": p.cosine,
-                "objective": "sum over tasks of mean prediction entropy",
-                "initial_loss": result.initial_loss if result else None,
-                "final_loss": result.final_loss if result else None,
-            },
-        }}
-        write_plain_merge(job, directory, merge, record_extra=record,
-                          report_extra={"adapt_seconds": round(adapt_seconds, 3),
-                                        "loss_curve": [round(v, 6) for v in result.losses] if result else []})
+        record = {
+            "adamerging": {
+                "granularity": p.granularity,
+                "groups": ["all"] if p.granularity == "task" else list(per_key),
+                "coefficients": {t: [round(v, 6) for v in coefficients[i].tolist()] for i, t in enumerate(job.inputs.task_names)},
+                "adaptation": {
+                    "data": {t: d.record(p.split) for t, d in data.items()},
+                    "steps": steps,
+                    "lr": p.lr,
+                    "batch_size": p.batch_size,
+                    "cosine": p.cosine,
+                    "objective": "sum over tasks of mean prediction entropy",
+                    "initial_loss": result.initial_loss if result else None,
+                    "final_loss": result.final_loss if result else None,
+                },
+            }
+        }
+        write_plain_merge(
+            job,
+            directory,
+            merge,
+            record_extra=record,
+            report_extra={"adapt_seconds": round(adapt_seconds, 3), "loss_curve": [round(v, 6) for v in result.losses] if result else []},
+        )
         return f"adamerging ({p.granularity}-wise), {len(job.inputs.tasks)} tasks, {steps} adaptation steps"

@@ -32,8 +32,7 @@ class AdaptationData:
 
     def record(self, split: str) -> dict[str, Any]:
         p = Path(self.path)
-        return {"path": str(self.path), "sha256": "directory" if p.is_dir() else sha256_files([p]), "split": split,
-                "images": len(self.data)}
+        return {"path": str(self.path), "sha256": "directory" if p.is_dir() else sha256_files([p]), "split": split, "images": len(self.data)}
 
 
 def load_adaptation_data(job, split: str) -> dict[str, AdaptationData]:

@@ -122,8 +122,15 @@ def param(
     check: Callable[[Any], None] | None = None,
 ) -> Any:
     """A dataclass field that carries what the CLI and YAML need to know about it."""
-    meta = {"help": help, "key": key, "low": low, "high": high, "low_open": low_open,
-            "choices": tuple(choices) if choices is not None else None, "check": check}
+    meta = {
+        "help": help,
+        "key": key,
+        "low": low,
+        "high": high,
+        "low_open": low_open,
+        "choices": tuple(choices) if choices is not None else None,
+        "check": check,
+    }
     return dataclasses.field(default=default, metadata={_META: meta})
 
 
@@ -137,9 +144,20 @@ def param_infos(params_cls: type) -> tuple[ParamInfo, ...]:
         kind = hints[f.name]
         if kind not in (bool, int, float, str):
             raise TypeError(f"{params_cls.__qualname__}.{f.name}: parameters are bool, int, float or str, not {kind}")
-        infos.append(ParamInfo(field=f.name, key=meta["key"] or f.name, type=kind, default=f.default, help=meta["help"],
-                               low=meta["low"], high=meta["high"], low_open=meta["low_open"], choices=meta["choices"],
-                               check=meta["check"]))
+        infos.append(
+            ParamInfo(
+                field=f.name,
+                key=meta["key"] or f.name,
+                type=kind,
+                default=f.default,
+                help=meta["help"],
+                low=meta["low"],
+                high=meta["high"],
+                low_open=meta["low_open"],
+                choices=meta["choices"],
+                check=meta["check"],
+            )
+        )
     return tuple(infos)
 
 
@@ -188,8 +206,7 @@ def register(cls: type[MergeMethod]) -> type[MergeMethod]:
                 continue
             for o in other.params():
                 if o.key == info.key and o.type is not info.type:
-                    raise TypeError(f"parameter '{info.key}' of {name} is {info.type.__name__}, "
-                                    f"but {o.type.__name__} in {other.name}")
+                    raise TypeError(f"parameter '{info.key}' of {name} is {info.type.__name__}, but {o.type.__name__} in {other.name}")
     REGISTRY[name] = cls
     return cls
 
@@ -242,5 +259,16 @@ def params_record(params: Any) -> dict[str, Any]:
     return {info.key: getattr(params, info.field) for info in param_infos(type(params))}
 
 
-__all__ = ["MergeMethod", "ParamInfo", "REGISTRY", "all_params", "build_params", "get_method", "method_names",
-           "param", "param_infos", "params_record", "register"]
+__all__ = [
+    "MergeMethod",
+    "ParamInfo",
+    "REGISTRY",
+    "all_params",
+    "build_params",
+    "get_method",
+    "method_names",
+    "param",
+    "param_infos",
+    "params_record",
+    "register",
+]

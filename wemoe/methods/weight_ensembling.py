@@ -67,11 +67,9 @@ class WEMoE(MergeMethod):
         lam: float = param(0.3, "task-arithmetic scale of the non-MoE weights and the routers' initial output", key="lambda")
         moe_blocks: str = param("all", "blocks made MoE: all, last:N, first:N or 0,3,5", check=_check_blocks)
         experts: str = param("mlp", "which linears of an MoE block are routed: mlp, attn or mlp,attn", check=_check_groups)
-        expert_rank: str = param("full", "task vectors of routed weights kept whole (full) or as rank-R SVD factors",
-                                 check=parse_rank)
+        expert_rank: str = param("full", "task vectors of routed weights kept whole (full) or as rank-R SVD factors", check=parse_rank)
         router_layers: int = param(2, "router depth: 2 (the paper's), 1 (linear) or 0 (constant)", low=0, high=2)
-        coef_range: str = param("0,1", "clamp routing coefficients to LO,HI, or none (guards against entropy collapse)",
-                                check=parse_coef_range)
+        coef_range: str = param("0,1", "clamp routing coefficients to LO,HI, or none (guards against entropy collapse)", check=parse_coef_range)
         steps: int = param(1000, HELP["steps"], low=0)
         lr: float = param(1e-4, HELP["lr"], low=0.0, low_open=True)
         batch_size: int = param(16, HELP["batch_size"], low=1)
@@ -83,9 +81,14 @@ class WEMoE(MergeMethod):
 
         p: WEMoE.Params = job.params
         arch = job.inputs.base.arch
-        spec = MoESpec(blocks=tuple(parse_moe_blocks(p.moe_blocks, arch.depth)), groups=parse_groups(p.experts),
-                       rank=parse_rank(p.expert_rank), router_layers=p.router_layers, init_lambda=p.lam,
-                       coef_range=parse_coef_range(p.coef_range))
+        spec = MoESpec(
+            blocks=tuple(parse_moe_blocks(p.moe_blocks, arch.depth)),
+            groups=parse_groups(p.experts),
+            rank=parse_rank(p.expert_rank),
+            router_layers=p.router_layers,
+            init_lambda=p.lam,
+            coef_range=parse_coef_range(p.coef_range),
+        )
         if spec.rank is not None:
             smallest = min(arch.width, arch.mlp_width)  # every routed matrix is width x width or larger
             if spec.rank > smallest:
@@ -97,10 +100,12 @@ class WEMoE(MergeMethod):
         p: WEMoE.Params = job.params
         steps = p.steps if job.state["data"] else 0
         s = job.state["spec"]
-        return [f"moe:     blocks {list(s.blocks)}, routed {','.join(s.groups)}, experts {'dense' if s.rank is None else f'rank {s.rank}'}, "
-                f"router layers {s.router_layers}, coef range {s.coef_range}",
-                f"adapt:   {steps} steps, lr {p.lr}, {p.batch_size} images/task/step, cosine {p.cosine}",
-                *data_plan(job, job.state["data"])]
+        return [
+            f"moe:     blocks {list(s.blocks)}, routed {','.join(s.groups)}, experts {'dense' if s.rank is None else f'rank {s.rank}'}, "
+            f"router layers {s.router_layers}, coef range {s.coef_range}",
+            f"adapt:   {steps} steps, lr {p.lr}, {p.batch_size} images/task/step, cosine {p.cosine}",
+            *data_plan(job, job.state["data"]),
+        ]
 
     def run(self, job, directory: Path) -> str:
         from wemoe.adapt import adapt_routers
@@ -120,15 +125,22 @@ class WEMoE(MergeMethod):
         model.heads = dict(job.heads)
         if energy:
             kept = [v for values in energy.values() for v in values]
-            job.note(f"rank-{spec.rank} experts keep {100 * sum(kept) / len(kept):.1f}% of the task vectors' energy on average "
-                     f"(least {100 * min(kept):.1f}%)")
+            job.note(f"rank-{spec.rank} experts keep {100 * sum(kept) / len(kept):.1f}% of the task vectors' energy on average (least {100 * min(kept):.1f}%)")
         build_seconds = time.perf_counter() - started
         result = None
         if data:
             model.to(job.device)
             result = adapt_routers(
-                model, job.heads, {t: d.data for t, d in data.items()}, steps=steps, lr=p.lr, batch_size=p.batch_size,
-                cosine=p.cosine, seed=job.seed, device=job.device, progress=job.progress,
+                model,
+                job.heads,
+                {t: d.data for t, d in data.items()},
+                steps=steps,
+                lr=p.lr,
+                batch_size=p.batch_size,
+                cosine=p.cosine,
+                seed=job.seed,
+                device=job.device,
+                progress=job.progress,
             )
             model.to("cpu")
             for w in result.warnings:
@@ -159,11 +171,23 @@ class WEMoE(MergeMethod):
                 "warnings": result.warnings if result else [],
             },
         }
-        write_wemoe(directory, model, config, out_dtype, job.shard_size, report=lambda: {
-            "seconds": {"build": round(build_seconds, 3), "adapt": round(result.seconds, 3) if result else 0.0,
-                        "total": round(time.perf_counter() - started, 3)},
-            "device": job.device,
-            "loss_curve": [round(v, 6) for v in result.losses] if result else [],
-        })
-        return (f"wemoe, {len(job.inputs.tasks)} experts, {len(spec.blocks)} MoE blocks ({','.join(spec.groups)}), "
-                f"{steps} adaptation steps, dtype {dtype_name(out_dtype)}")
+        write_wemoe(
+            directory,
+            model,
+            config,
+            out_dtype,
+            job.shard_size,
+            report=lambda: {
+                "seconds": {
+                    "build": round(build_seconds, 3),
+                    "adapt": round(result.seconds, 3) if result else 0.0,
+                    "total": round(time.perf_counter() - started, 3),
+                },
+                "device": job.device,
+                "loss_curve": [round(v, 6) for v in result.losses] if result else [],
+            },
+        )
+        return (
+            f"wemoe, {len(job.inputs.tasks)} experts, {len(spec.blocks)} MoE blocks ({','.join(spec.groups)}), "
+            f"{steps} adaptation steps, dtype {dtype_name(out_dtype)}"
+        )

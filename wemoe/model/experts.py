@@ -60,8 +60,7 @@ class DenseExperts(ExpertStore):
     ``tile_rows`` change speed only, never results beyond float rounding.
     """
 
-    def __init__(self, num_experts: int, in_features: int, out_features: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None):
+    def __init__(self, num_experts: int, in_features: int, out_features: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
         super().__init__()
         self.num_experts, self.in_features, self.out_features = int(num_experts), int(in_features), int(out_features)
         self.expanding = out_features >= in_features
@@ -112,12 +111,12 @@ class LowRankExperts(ExpertStore):
     scaled by the singular values; ``bias`` (T, out) is kept whole.
     """
 
-    def __init__(self, num_experts: int, in_features: int, out_features: int, rank: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None):
+    def __init__(
+        self, num_experts: int, in_features: int, out_features: int, rank: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    ):
         super().__init__()
         if not 1 <= rank <= min(in_features, out_features):
-            raise WemoeError(f"expert rank must be between 1 and {min(in_features, out_features)} for a "
-                             f"{out_features}x{in_features} matrix, got {rank}")
+            raise WemoeError(f"expert rank must be between 1 and {min(in_features, out_features)} for a {out_features}x{in_features} matrix, got {rank}")
         self.num_experts, self.in_features, self.out_features, self.rank = int(num_experts), int(in_features), int(out_features), int(rank)
         self.register_buffer("down", torch.empty(num_experts, rank, in_features, dtype=dtype, device=device))
         self.register_buffer("up", torch.empty(num_experts, rank, out_features, dtype=dtype, device=device))

@@ -291,14 +291,16 @@ class _ContractLinear(torch.autograd.Function):
         return ga, grad_r, None, None, None, None, None, None
 
 
-def expand_linear(x: torch.Tensor, r: torch.Tensor, w0: torch.Tensor, tau: torch.Tensor, b0: torch.Tensor, tau_b: torch.Tensor,
-                  chunk: int, tile: int) -> torch.Tensor:
+def expand_linear(
+    x: torch.Tensor, r: torch.Tensor, w0: torch.Tensor, tau: torch.Tensor, b0: torch.Tensor, tau_b: torch.Tensor, chunk: int, tile: int
+) -> torch.Tensor:
     """Per-sample merged linear tiled over the H output rows (see ``_ExpandLinear``)."""
     return _ExpandLinear.apply(x, r, w0, tau, b0, tau_b, chunk, tile)
 
 
-def contract_linear(a: torch.Tensor, r: torch.Tensor, w0t: torch.Tensor, tau: torch.Tensor, b0: torch.Tensor, tau_b: torch.Tensor,
-                    chunk: int, tile: int) -> torch.Tensor:
+def contract_linear(
+    a: torch.Tensor, r: torch.Tensor, w0t: torch.Tensor, tau: torch.Tensor, b0: torch.Tensor, tau_b: torch.Tensor, chunk: int, tile: int
+) -> torch.Tensor:
     """Per-sample merged linear tiled over the H input rows (see ``_ContractLinear``)."""
     return _ContractLinear.apply(a, r, w0t, tau, b0, tau_b, chunk, tile)
 

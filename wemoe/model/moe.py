@@ -25,8 +25,16 @@ GROUP_LINEARS = {"attn": ("qkv", "proj"), "mlp": ("fc1", "fc2")}
 
 
 class MoEBlock(Block):
-    def __init__(self, arch: ViTArch, num_experts: int, groups: Sequence[str], rank: int | None, routers: dict[str, nn.Module],
-                 coef_range: tuple[float, float] | None = None, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        arch: ViTArch,
+        num_experts: int,
+        groups: Sequence[str],
+        rank: int | None,
+        routers: dict[str, nn.Module],
+        coef_range: tuple[float, float] | None = None,
+        device: torch.device | str | None = None,
+    ):
         unknown = set(groups) - set(GROUPS)
         if unknown:
             raise WemoeError(f"unknown expert group(s) {sorted(unknown)} (known: {', '.join(GROUPS)})")

@@ -52,8 +52,7 @@ class RoutedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
-def routed_linear_factory(num_experts: int, rank: int | None, device: torch.device | str | None = None
-                          ) -> Callable[[int, int], RoutedLinear]:
+def routed_linear_factory(num_experts: int, rank: int | None, device: torch.device | str | None = None) -> Callable[[int, int], RoutedLinear]:
     """Factory of routed linears with dense experts (``rank`` None) or rank-``rank`` experts."""
 
     def make(in_features: int, out_features: int) -> RoutedLinear:

@@ -152,5 +152,11 @@ class WEMoEModel(VisionTransformer):
 
     def description(self) -> dict[str, Any]:
         s = self.spec
-        return {"moe_blocks": list(s.blocks), "groups": list(s.groups), "rank": s.rank, "router_layers": s.router_layers,
-                "lambda": s.init_lambda, "coef_range": list(s.coef_range) if s.coef_range else None}
+        return {
+            "moe_blocks": list(s.blocks),
+            "groups": list(s.groups),
+            "rank": s.rank,
+            "router_layers": s.router_layers,
+            "lambda": s.init_lambda,
+            "coef_range": list(s.coef_range) if s.coef_range else None,
+        }

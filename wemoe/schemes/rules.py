@@ -17,17 +17,31 @@ from wemoe.errors import WemoeError
 Shape = tuple[int, ...]
 
 BLOCK_PARTS = (
-    "norm1.weight", "norm1.bias",
-    "attn.qkv.weight", "attn.qkv.bias",
-    "attn.proj.weight", "attn.proj.bias",
-    "norm2.weight", "norm2.bias",
-    "mlp.fc1.weight", "mlp.fc1.bias",
-    "mlp.fc2.weight", "mlp.fc2.bias",
+    "norm1.weight",
+    "norm1.bias",
+    "attn.qkv.weight",
+    "attn.qkv.bias",
+    "attn.proj.weight",
+    "attn.proj.bias",
+    "norm2.weight",
+    "norm2.bias",
+    "mlp.fc1.weight",
+    "mlp.fc1.bias",
+    "mlp.fc2.weight",
+    "mlp.fc2.bias",
 )
 MLP_SUFFIXES = ("mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")
 GLOBAL_KEYS = (
-    "cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
-    "norm_pre.weight", "norm_pre.bias", "norm.weight", "norm.bias", "head.weight", "head.bias",
+    "cls_token",
+    "pos_embed",
+    "patch_embed.proj.weight",
+    "patch_embed.proj.bias",
+    "norm_pre.weight",
+    "norm_pre.bias",
+    "norm.weight",
+    "norm.bias",
+    "head.weight",
+    "head.bias",
 )
 
 
@@ -90,10 +104,10 @@ class Scheme:
         return None
 
     def match(self, keys: Sequence[str], prefix: str, path: str | None = None) -> SchemeMatch:
-        vision = [k for k in keys if k.startswith(prefix) and any(k[len(prefix):].startswith(r) for r in self.vision_roots)]
+        vision = [k for k in keys if k.startswith(prefix) and any(k[len(prefix) :].startswith(r) for r in self.vision_roots)]
         ignored = tuple(k for k in keys if k not in set(vision))
         rx = re.compile(self.block_regex)
-        blocks = {int(m.group(1)) for k in vision if (m := rx.match(k[len(prefix):]))}
+        blocks = {int(m.group(1)) for k in vision if (m := rx.match(k[len(prefix) :]))}
         depth = max(blocks) + 1 if blocks else 0
         if sorted(blocks) != list(range(depth)):
             missing = sorted(set(range(depth)) - blocks)
@@ -182,12 +196,18 @@ OPEN_CLIP = Scheme(
         ]
         + _block_rules(
             {
-                "norm1.weight": _OC + "ln_1.weight", "norm1.bias": _OC + "ln_1.bias",
-                "attn.qkv.weight": _OC + "attn.in_proj_weight", "attn.qkv.bias": _OC + "attn.in_proj_bias",
-                "attn.proj.weight": _OC + "attn.out_proj.weight", "attn.proj.bias": _OC + "attn.out_proj.bias",
-                "norm2.weight": _OC + "ln_2.weight", "norm2.bias": _OC + "ln_2.bias",
-                "mlp.fc1.weight": _OC + "mlp.c_fc.weight", "mlp.fc1.bias": _OC + "mlp.c_fc.bias",
-                "mlp.fc2.weight": _OC + "mlp.c_proj.weight", "mlp.fc2.bias": _OC + "mlp.c_proj.bias",
+                "norm1.weight": _OC + "ln_1.weight",
+                "norm1.bias": _OC + "ln_1.bias",
+                "attn.qkv.weight": _OC + "attn.in_proj_weight",
+                "attn.qkv.bias": _OC + "attn.in_proj_bias",
+                "attn.proj.weight": _OC + "attn.out_proj.weight",
+                "attn.proj.bias": _OC + "attn.out_proj.bias",
+                "norm2.weight": _OC + "ln_2.weight",
+                "norm2.bias": _OC + "ln_2.bias",
+                "mlp.fc1.weight": _OC + "mlp.c_fc.weight",
+                "mlp.fc1.bias": _OC + "mlp.c_fc.bias",
+                "mlp.fc2.weight": _OC + "mlp.c_proj.weight",
+                "mlp.fc2.bias": _OC + "mlp.c_proj.bias",
             }
         )
     ),
@@ -215,12 +235,18 @@ HF_CLIP = Scheme(
         ]
         + _block_rules(
             {
-                "norm1.weight": _HF + "layer_norm1.weight", "norm1.bias": _HF + "layer_norm1.bias",
-                "attn.qkv.weight": _HF_QKV("weight"), "attn.qkv.bias": _HF_QKV("bias"),
-                "attn.proj.weight": _HF + "self_attn.out_proj.weight", "attn.proj.bias": _HF + "self_attn.out_proj.bias",
-                "norm2.weight": _HF + "layer_norm2.weight", "norm2.bias": _HF + "layer_norm2.bias",
-                "mlp.fc1.weight": _HF + "mlp.fc1.weight", "mlp.fc1.bias": _HF + "mlp.fc1.bias",
-                "mlp.fc2.weight": _HF + "mlp.fc2.weight", "mlp.fc2.bias": _HF + "mlp.fc2.bias",
+                "norm1.weight": _HF + "layer_norm1.weight",
+                "norm1.bias": _HF + "layer_norm1.bias",
+                "attn.qkv.weight": _HF_QKV("weight"),
+                "attn.qkv.bias": _HF_QKV("bias"),
+                "attn.proj.weight": _HF + "self_attn.out_proj.weight",
+                "attn.proj.bias": _HF + "self_attn.out_proj.bias",
+                "norm2.weight": _HF + "layer_norm2.weight",
+                "norm2.bias": _HF + "layer_norm2.bias",
+                "mlp.fc1.weight": _HF + "mlp.fc1.weight",
+                "mlp.fc1.bias": _HF + "mlp.fc1.bias",
+                "mlp.fc2.weight": _HF + "mlp.fc2.weight",
+                "mlp.fc2.bias": _HF + "mlp.fc2.bias",
             },
             {"attn.qkv.weight": CONCAT3, "attn.qkv.bias": CONCAT3},
         )
