@@ -206,7 +206,7 @@ def child_inference(model_dir: str, base: str, batch: int, naive_samples: int, t
 
 def child_step(model_dir: str, base: str, per_task: int, threads: int) -> dict:
     torch, moe, plain = _setup(model_dir, base, threads)
-    from wemoe.adapt import entropy
+    from wemoe.objectives import entropy
 
     T = len(moe.task_names)
     g = torch.Generator().manual_seed(0)

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -22,12 +21,7 @@ from wemoe.arch import ViTArch
 from wemoe.data import TaskData, preprocess
 from wemoe.heads import Head
 from wemoe.model.wemoe_model import WEMoEModel
-
-
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Mean Shannon entropy (nats) of softmax(logits) over the batch."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1).mean()
+from wemoe.objectives import Objective, entropy, make_objective
 
 
 @dataclass
@@ -61,13 +55,18 @@ def adapt_parameters(
     device: str = "cpu",
     progress: bool = True,
     desc: str = "adapting",
+    objective: Objective | None = None,
 ) -> AdaptResult:
-    """Train ``params`` (and nothing else of ``model``) to minimise prediction entropy.
+    """Train ``params`` (and nothing else of ``model``) to minimise ``objective`` (default: entropy).
 
     Each step draws ``batch_size`` images of every task (in ``data``'s order, from one
     seeded generator) and back-propagates each task's loss on its own, so only one
-    task's activations are held at a time.
+    task's activations are held at a time. Objectives that use routing get the
+    model's routing of the batch and the index of the batch's own task among
+    ``model.task_names``; labels are never read.
     """
+    objective = objective or make_objective("entropy")
+    experts = {t: model.task_names.index(t) for t in data} if objective.uses_routing else {}
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -85,7 +84,11 @@ def adapt_parameters(
             total = 0.0
             for task, d in data.items():
                 images = preprocess(d.take(next(samplers[task])), arch, device)
-                loss = entropy(heads[task].logits(model(images)))
+                if objective.uses_routing:
+                    routes: list[torch.Tensor] = []
+                    loss = objective.loss(heads[task].logits(model.encode(images, routes)), routes, experts[task])
+                else:
+                    loss = objective.loss(heads[task].logits(model(images)), None, -1)
                 loss.backward()
                 total += loss.item()
             opt.step()
@@ -113,10 +116,24 @@ def adapt_routers(
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
+    objective: Objective | None = None,
 ) -> AdaptResult:
     """WEMoE's test-time adaptation: only the routers train; then a check for collapse."""
     result = adapt_parameters(
-        model, model.router_parameters(), heads, data, model.arch, steps, lr, batch_size, cosine, seed, device, progress, desc="adapting routers"
+        model,
+        model.router_parameters(),
+        heads,
+        data,
+        model.arch,
+        steps,
+        lr,
+        batch_size,
+        cosine,
+        seed,
+        device,
+        progress,
+        desc="adapting routers",
+        objective=objective,
     )
     result.diagnostics, result.warnings = collapse_check(model, heads, data, device, seed)
     return result

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from wemoe.adapt import entropy
+from wemoe.objectives import entropy
 
 from . import datasets
 from .build import DEFAULT_CACHE

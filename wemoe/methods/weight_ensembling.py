@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from wemoe.errors import WemoeError
+from wemoe.errors import UsageError, WemoeError
 from wemoe.methods.adaptive import HELP, data_plan, load_adaptation_data
 from wemoe.methods.registry import MergeMethod, param, register
+from wemoe.objectives import OBJECTIVES, make_objective
 from wemoe.runtime import dtype_name
 
 
@@ -70,6 +71,8 @@ class WEMoE(MergeMethod):
         expert_rank: str = param("full", "task vectors of routed weights kept whole (full) or as rank-R SVD factors", check=parse_rank)
         router_layers: int = param(2, "router depth: 2 (the paper's), 1 (linear) or 0 (constant)", low=0, high=2)
         coef_range: str = param("0,1", "clamp routing coefficients to LO,HI, or none (guards against entropy collapse)", check=parse_coef_range)
+        objective: str = param("entropy", "what router adaptation minimises: entropy (the paper's), task, entropy+task", choices=OBJECTIVES)
+        task_weight: float = param(1.0, "weight of the task term in entropy+task", low=0.0)
         steps: int = param(1000, HELP["steps"], low=0)
         lr: float = param(1e-4, HELP["lr"], low=0.0, low_open=True)
         batch_size: int = param(16, HELP["batch_size"], low=1)
@@ -95,6 +98,9 @@ class WEMoE(MergeMethod):
                 raise WemoeError(f"--expert-rank {spec.rank} is above the smaller side ({smallest}) of the routed matrices")
         job.state["spec"] = spec
         job.state["data"] = load_adaptation_data(job, p.split)
+        if p.objective != "entropy" and not job.state["data"]:
+            raise UsageError(f"--objective {p.objective} needs --data (unlabeled images of each task)")
+        job.state["objective"] = make_objective(p.objective, p.task_weight)
 
     def plan(self, job) -> list[str]:
         p: WEMoE.Params = job.params
@@ -141,6 +147,7 @@ class WEMoE(MergeMethod):
                 seed=job.seed,
                 device=job.device,
                 progress=job.progress,
+                objective=job.state["objective"],
             )
             model.to("cpu")
             for w in result.warnings:
@@ -164,7 +171,7 @@ class WEMoE(MergeMethod):
                 "lr": p.lr,
                 "batch_size": p.batch_size,
                 "cosine": p.cosine,
-                "objective": "sum over tasks of mean prediction entropy",
+                "objective": job.state["objective"].description,
                 "initial_loss": result.initial_loss if result else None,
                 "final_loss": result.final_loss if result else None,
                 "diagnostics": result.diagnostics if result else None,
