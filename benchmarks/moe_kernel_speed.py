@@ -22,7 +22,7 @@ from wemoe.model.activations import get_activation
 from wemoe.model.kernels import DEFAULT_CHUNK_SIZE, DEFAULT_TILE_ROWS
 from wemoe.model.moe_reference import linear_reference
 from wemoe.model.routed import RoutedLinear, routed_linear_factory
-from wemoe.model.router import Router
+from wemoe.model.routers import Router
 from wemoe.model.vit import Mlp
 
 

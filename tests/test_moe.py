@@ -14,8 +14,8 @@ from wemoe.model.experts import DenseExperts, LowRankExperts, truncated_svd
 from wemoe.model.moe import MoEBlock
 from wemoe.model.moe_reference import block_reference, linear_reference
 from wemoe.model.routed import RoutedLinear, routed_linear_factory
-from wemoe.model.router import Router
-from wemoe.model.vit import Mlp
+from wemoe.model.routers import Router
+from wemoe.model.vit import Mlp, RoutingTrace
 
 D, H, T, N = 24, 56, 4, 5
 
@@ -154,8 +154,9 @@ def make_block(groups=("mlp",), rank=None, layers=2, coef_range=None, activation
 def test_block_forward_and_router_gradients_match_reference(groups, rank, layers):
     block = make_block(groups, rank, layers, activation="quick_gelu")
     x = inputs(6, requires_grad=True)
-    routes: list[torch.Tensor] = []
-    y = block(x, routes)
+    trace = RoutingTrace()
+    y = block(x, trace)
+    routes = trace.routes
     assert len(routes) == len(groups) and all(r.shape == (6, T) for r in routes)
     ref = block_reference(block, x)
     assert rel(y.detach(), ref.detach()) < 1e-5
@@ -170,15 +171,15 @@ def test_block_forward_and_router_gradients_match_reference(groups, rank, layers
 def test_routing_differs_per_sample_and_samples_are_independent():
     block = make_block(("attn", "mlp"))
     x = inputs(9)
-    routes: list[torch.Tensor] = []
+    trace = RoutingTrace()
     with torch.no_grad():
-        full = block(x, routes)
+        full = block(x, trace)
         alone = block(x[2:3])
         mixed = torch.randn(9, N, D, generator=torch.Generator().manual_seed(9)) * 3
         mixed[2] = x[2]
         mixed_out = block(mixed)
     # guards the other tests: with identical routing a per-sample bug could hide
-    assert all((r.max(0).values - r.min(0).values).min() > 1e-3 for r in routes)
+    assert all((r.max(0).values - r.min(0).values).min() > 1e-3 for r in trace.routes)
     assert rel(full[2], alone[0]) < 1e-6 and rel(mixed_out[2], alone[0]) < 1e-6
 
 

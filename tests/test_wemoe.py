@@ -148,10 +148,10 @@ def test_bfloat16_halves_the_checkpoint(setup, capsys):
     tmp, base, task_args, heads, data = setup
     code, _, err = merge(capsys, setup, "f32", "--heads", *heads)
     assert code == 0, err
-    code, _, err = merge(capsys, setup, "bf16", "--heads", *heads, "--dtype", "bfloat16", "--moe-blocks", "last:1", "--router-layers", "1")
+    code, _, err = merge(capsys, setup, "bf16", "--heads", *heads, "--dtype", "bfloat16", "--moe-blocks", "last:1", "--router", "linear")
     assert code == 0, err
     cfg = json.loads((tmp / "bf16" / "config.json").read_text())
-    assert cfg["wemoe"]["moe_blocks"] == [1] and cfg["wemoe"]["router_layers"] == 1 and cfg["dtype"] == "bfloat16"
+    assert cfg["wemoe"]["moe_blocks"] == [1] and cfg["wemoe"]["router"] == "linear" and cfg["wemoe"]["router_layers"] == 1 and cfg["dtype"] == "bfloat16"
     code, _, err = merge(capsys, setup, "bf16all", "--heads", *heads, "--dtype", "bfloat16")
     size = lambda d: (tmp / d / "model.safetensors").stat().st_size
     assert 0.45 < size("bf16all") / size("f32") < 0.55

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from wemoe.arch import ViTArch
 from wemoe.data import TaskData, preprocess
 from wemoe.heads import Head
+from wemoe.model.vit import RoutingTrace
 from wemoe.model.wemoe_model import WEMoEModel
 from wemoe.objectives import Objective, entropy, make_objective
 
@@ -85,8 +86,8 @@ def adapt_parameters(
             for task, d in data.items():
                 images = preprocess(d.take(next(samplers[task])), arch, device)
                 if objective.uses_routing:
-                    routes: list[torch.Tensor] = []
-                    loss = objective.loss(heads[task].logits(model.encode(images, routes)), routes, experts[task])
+                    trace = RoutingTrace()
+                    loss = objective.loss(heads[task].logits(model.encode(images, trace)), trace.routes, experts[task])
                 else:
                     loss = objective.loss(heads[task].logits(model(images)), None, -1)
                 loss.backward()

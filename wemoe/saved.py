@@ -47,18 +47,6 @@ def write_wemoe(
     )
 
 
-def spec_from_record(moe: dict[str, Any]) -> MoESpec:
-    coef_range = tuple(moe["coef_range"]) if moe.get("coef_range") else None
-    return MoESpec(
-        blocks=tuple(moe["moe_blocks"]),
-        groups=tuple(moe.get("groups", ("mlp",))),
-        rank=moe.get("rank"),
-        router_layers=int(moe["router_layers"]),
-        init_lambda=float(moe["lambda"]),
-        coef_range=coef_range,
-    )  # type: ignore[arg-type]
-
-
 _V1_MLP = {
     "fc1_weight": ("fc1.weight", False),
     "fc1_bias": ("fc1.bias", False),
@@ -94,7 +82,7 @@ def load_wemoe(record: OutputRecord, device: str | torch.device = "cpu", dtype: 
     if record.format_version < 2:
         state = upgrade_v1_state(state)
     with torch.device("meta"):
-        model = WEMoEModel(record.architecture, record.tasks, spec_from_record(record.section("wemoe")), head_bias="head.bias" in state)
+        model = WEMoEModel(record.architecture, record.tasks, MoESpec.from_record(record.section("wemoe")), head_bias="head.bias" in state)
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=True, assign=True)
@@ -111,6 +99,7 @@ def describe_wemoe(record: OutputRecord) -> list[str]:
     return [
         "method:        wemoe (weight-ensembling MoE)",
         f"moe blocks:    {moe.get('moe_blocks')}  routed {', '.join(moe.get('groups', ['mlp']))}  experts {'dense' if rank is None else f'rank {rank}'}",
-        f"routers:       layers {moe.get('router_layers')}  lambda {moe.get('lambda')}  coef range {moe.get('coef_range')}",
+        f"routers:       {moe.get('router') or 'mlp'} {moe.get('router_options') or ''}  lambda {moe.get('lambda')}  "
+        f"coef range {moe.get('coef_range')} ({moe.get('coef_guard', 'clamp')})",
         f"adaptation:    {moe.get('adaptation')}",
     ]

@@ -26,6 +26,7 @@ import torch
 from . import datasets
 from .build import DEFAULT_CACHE, REPO
 from .quickeval import load_built, require_built, task_arithmetic
+from .routed_ceiling import render_routed, routed_ceilings
 
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 ACCURACY_JSON = os.path.join(RESULTS, "accuracy.json")
@@ -138,12 +139,14 @@ def main() -> None:
     require_built(args.cache)
     t0 = time.time()
     rows, ents = decompose(args.cache, lam)
-    seconds = time.time() - t0
     tasks = list(datasets.TASKS)
+    routed = routed_ceilings(args.cache, lam, tasks)
+    seconds = time.time() - t0
     with open(args.out + ".json", "w") as f:
-        json.dump({"tasks": tasks, "lambda": lam, "rows": rows, "entropy": ents, "seconds": round(seconds, 1)}, f, indent=1)
+        json.dump({"tasks": tasks, "lambda": lam, "rows": rows, "entropy": ents, "routed": routed, "seconds": round(seconds, 1)}, f, indent=1)
+    individual = float(np.mean(list(rows[IND_ROW].values())))
     with open(args.out + ".md", "w") as f:
-        f.write(render(rows, ents, tasks, lam, seconds))
+        f.write(render(rows, ents, tasks, lam, seconds) + "\n".join(render_routed(routed, tasks, individual)) + "\n")
     print(f"wrote {args.out}.md and .json")
 
 

@@ -16,6 +16,8 @@ import torch
 from wemoe.errors import UsageError, WemoeError
 from wemoe.methods.adaptive import HELP, data_plan, load_adaptation_data
 from wemoe.methods.registry import MergeMethod, param, register
+from wemoe.model.moe import COEF_GUARDS
+from wemoe.model.routers import ROUTER_KINDS, TRAINING_FREE, RouterSpec
 from wemoe.objectives import OBJECTIVES, make_objective
 from wemoe.runtime import dtype_name
 
@@ -69,8 +71,13 @@ class WEMoE(MergeMethod):
         moe_blocks: str = param("all", "blocks made MoE: all, last:N, first:N or 0,3,5", check=_check_blocks)
         experts: str = param("mlp", "which linears of an MoE block are routed: mlp, attn or mlp,attn", check=_check_groups)
         expert_rank: str = param("full", "task vectors of routed weights kept whole (full) or as rank-R SVD factors", check=parse_rank)
-        router_layers: int = param(2, "router depth: 2 (the paper's), 1 (linear) or 0 (constant)", low=0, high=2)
-        coef_range: str = param("0,1", "clamp routing coefficients to LO,HI, or none (guards against entropy collapse)", check=parse_coef_range)
+        router: str = param("mlp", "router kind: mlp (the paper's), linear, constant, or training-free prototype, subspace", choices=ROUTER_KINDS)
+        router_temperature: float = param(0.0, "softmax temperature of prototype/subspace routers (0: 0.05 / 1.0)", low=0.0)
+        router_top_k: int = param(0, "prototype/subspace routers keep the k largest weights (0: all)", low=0)
+        gate_rank: int = param(16, "subspace routers: right singular vectors per task vector", low=1)
+        router_images: int = param(256, "prototype routers: images per task their prototypes are the mean of", low=1)
+        coef_range: str = param("0,1", "keep routing coefficients in LO,HI, or none (guards against entropy collapse)", check=parse_coef_range)
+        coef_guard: str = param("clamp", "how --coef-range is kept: clamp, or straight-through (gradient passes)", choices=COEF_GUARDS)
         objective: str = param("entropy", "what router adaptation minimises: entropy (the paper's), task, entropy+task", choices=OBJECTIVES)
         task_weight: float = param(1.0, "weight of the task term in entropy+task", low=0.0)
         steps: int = param(1000, HELP["steps"], low=0)
@@ -88,10 +95,13 @@ class WEMoE(MergeMethod):
             blocks=tuple(parse_moe_blocks(p.moe_blocks, arch.depth)),
             groups=parse_groups(p.experts),
             rank=parse_rank(p.expert_rank),
-            router_layers=p.router_layers,
+            router=RouterSpec(p.router, p.router_temperature or None, p.router_top_k, p.gate_rank),
             init_lambda=p.lam,
             coef_range=parse_coef_range(p.coef_range),
+            coef_guard=p.coef_guard,
         )
+        if p.router == "subspace" and p.gate_rank > min(arch.width, arch.mlp_width):
+            raise WemoeError(f"--gate-rank {p.gate_rank} is above the smaller side ({min(arch.width, arch.mlp_width)}) of the routed matrices")
         if spec.rank is not None:
             smallest = min(arch.width, arch.mlp_width)  # every routed matrix is width x width or larger
             if spec.rank > smallest:
@@ -100,6 +110,9 @@ class WEMoE(MergeMethod):
         job.state["data"] = load_adaptation_data(job, p.split)
         if p.objective != "entropy" and not job.state["data"]:
             raise UsageError(f"--objective {p.objective} needs --data (unlabeled images of each task)")
+        missing = [t for t in job.inputs.task_names if t not in job.state["data"]]
+        if p.router == "prototype" and missing:
+            raise UsageError(f"--router prototype needs --data for every task (missing: {', '.join(missing)})")
         job.state["objective"] = make_objective(p.objective, p.task_weight)
 
     def plan(self, job) -> list[str]:
@@ -108,13 +121,14 @@ class WEMoE(MergeMethod):
         s = job.state["spec"]
         return [
             f"moe:     blocks {list(s.blocks)}, routed {','.join(s.groups)}, experts {'dense' if s.rank is None else f'rank {s.rank}'}, "
-            f"router layers {s.router_layers}, coef range {s.coef_range}",
+            f"router {s.router.kind}, coef range {s.coef_range} ({s.coef_guard})",
             f"adapt:   {steps} steps, lr {p.lr}, {p.batch_size} images/task/step, cosine {p.cosine}",
             *data_plan(job, job.state["data"]),
         ]
 
     def run(self, job, directory: Path) -> str:
         from wemoe.adapt import adapt_routers
+        from wemoe.fit_routers import fit_routers
         from wemoe.saved import write_wemoe
         from wemoe.upscale import build_wemoe
 
@@ -132,6 +146,10 @@ class WEMoE(MergeMethod):
         if energy:
             kept = [v for values in energy.values() for v in values]
             job.note(f"rank-{spec.rank} experts keep {100 * sum(kept) / len(kept):.1f}% of the task vectors' energy on average (least {100 * min(kept):.1f}%)")
+        if spec.router.kind in TRAINING_FREE:
+            model.to(job.device)
+            fit_routers(model, {t: d.data for t, d in data.items()}, p.router_images, job.seed, job.device)
+            job.note(f"{spec.router.kind} routers fitted")
         build_seconds = time.perf_counter() - started
         result = None
         if data:
@@ -155,15 +173,8 @@ class WEMoE(MergeMethod):
         out_dtype = job.dtype or torch.float32
         config = job.record(out_dtype)
         config["wemoe"] = {
-            "lambda": p.lam,
-            "moe_blocks": list(spec.blocks),
-            "groups": list(spec.groups),
-            "rank": spec.rank,
-            "router_layers": p.router_layers,
-            "router_init_std": 0.01,
-            "coef_range": list(spec.coef_range) if spec.coef_range else None,
+            **spec.to_record(),
             "experts": job.inputs.task_names,
-            "routing_order": [f"{b}.{g}" for b, g in spec.routes()],
             "energy_kept": energy or None,
             "adaptation": {
                 "data": {t: d.record(p.split) for t, d in data.items()},

@@ -21,6 +21,11 @@ from wemoe.model.routed import RoutedLinear, routed_linear_factory
 from wemoe.model.vit import Block, Linear
 
 GROUPS = ("attn", "mlp")  # the order of a block's routing entries
+# How a block keeps routing coefficients inside ``coef_range``. Both give the same forward (the clamped
+# value); they differ in the gradient past a bound: "clamp" passes none (a router pushed past a bound for
+# every sample stops learning), "straight-through" passes the gradient of the unclamped value, so the
+# router keeps learning and can come back.
+COEF_GUARDS = ("clamp", "straight-through")
 GROUP_LINEARS = {"attn": ("qkv", "proj"), "mlp": ("fc1", "fc2")}
 
 
@@ -33,6 +38,7 @@ class MoEBlock(Block):
         rank: int | None,
         routers: dict[str, nn.Module],
         coef_range: tuple[float, float] | None = None,
+        coef_guard: str = "clamp",
         device: torch.device | str | None = None,
     ):
         unknown = set(groups) - set(GROUPS)
@@ -42,7 +48,10 @@ class MoEBlock(Block):
         super().__init__(arch, attn_linear=routed if "attn" in groups else Linear, mlp_linear=routed if "mlp" in groups else Linear)
         self.groups = tuple(g for g in GROUPS if g in groups)
         self.routers = nn.ModuleDict({g: routers[g] for g in self.groups})
+        if coef_guard not in COEF_GUARDS:
+            raise WemoeError(f"unknown coefficient guard '{coef_guard}' (known: {', '.join(COEF_GUARDS)})")
         self.coef_range = coef_range
+        self.coef_guard = coef_guard
         # coefficients every sample gets instead of the routers' while set (diagnostics, WEMoEModel.fixed_routing)
         self.fixed_routing: torch.Tensor | None = None
 
@@ -53,7 +62,8 @@ class MoEBlock(Block):
             return self.fixed_routing.to(dtype=h.dtype, device=h.device).expand(h.shape[0], -1)
         r = self.routers[group](h)
         if self.coef_range is not None:
-            r = r.clamp(self.coef_range[0], self.coef_range[1])
+            clamped = r.clamp(self.coef_range[0], self.coef_range[1])
+            r = clamped if self.coef_guard == "clamp" else r + (clamped - r).detach()
         return r
 
     def sublayer(self, group: str) -> nn.Module:

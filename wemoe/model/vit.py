@@ -59,8 +59,22 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, d), coefs)
 
 
+class RoutingTrace:
+    """What a forward pass routed: the (B, T) coefficients of every routed group, in routing order, and
+    (when ``keep_inputs``) the token-mean of each group's router input, (B, D)."""
+
+    def __init__(self, keep_inputs: bool = False):
+        self.routes: list[torch.Tensor] = []
+        self.inputs: list[torch.Tensor] | None = [] if keep_inputs else None
+
+    def record(self, h: torch.Tensor, coefs: torch.Tensor) -> None:
+        self.routes.append(coefs)
+        if self.inputs is not None:
+            self.inputs.append(h.mean(dim=1))
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block. ``routes`` (a list) collects routing coefficients; plain blocks add none."""
+    """Pre-norm transformer block. A ``trace`` collects routing; plain blocks add nothing to it."""
 
     def __init__(self, arch: ViTArch, attn_linear: LinearFactory = Linear, mlp_linear: LinearFactory = Linear):
         super().__init__()
@@ -73,12 +87,12 @@ class Block(nn.Module):
         """Routing coefficients of ``group`` ("attn" or "mlp") for its input ``h``; None when not routed."""
         return None
 
-    def forward(self, x: torch.Tensor, routes: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, trace: RoutingTrace | None = None) -> torch.Tensor:
         for group, norm, layer in (("attn", self.norm1, self.attn), ("mlp", self.norm2, self.mlp)):
             h = norm(x)
             c = self.coefficients(group, h)
-            if routes is not None and c is not None:
-                routes.append(c)
+            if trace is not None and c is not None:
+                trace.record(h, c)
             x = x + layer(h, c)
         return x
 
@@ -113,11 +127,11 @@ class VisionTransformer(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         return self.norm_pre(x + self.pos_embed.to(x.dtype))
 
-    def encode(self, images: torch.Tensor, routes: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """Image embedding; routing coefficients of every routed group are appended to ``routes`` in order."""
+    def encode(self, images: torch.Tensor, trace: RoutingTrace | None = None) -> torch.Tensor:
+        """Image embedding; what every routed group routed is recorded in ``trace``."""
         x = self.tokens(images)
         for block in self.blocks:
-            x = block(x, routes)
+            x = block(x, trace)
         return self.head(self.norm(x[:, 0]))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -19,8 +18,8 @@ import torch.nn as nn
 from wemoe.arch import ViTArch
 from wemoe.errors import WemoeError
 from wemoe.model.moe import GROUPS, MoEBlock
-from wemoe.model.router import Router
-from wemoe.model.vit import Block, VisionTransformer
+from wemoe.model.routers import LEARNED_LAYERS, RouterSpec
+from wemoe.model.vit import Block, RoutingTrace, VisionTransformer
 
 
 def parse_moe_blocks(spec: str | Sequence[int] | None, depth: int) -> list[int]:
@@ -66,13 +65,48 @@ class MoESpec:
     blocks: tuple[int, ...]
     groups: tuple[str, ...] = ("mlp",)
     rank: int | None = None  # None: dense task vectors
-    router_layers: int = 2
-    init_lambda: float = 0.3
+    router: RouterSpec = RouterSpec()
+    init_lambda: float = 0.3  # task-arithmetic scale of the non-routed weights; learned routers' initial output
     coef_range: tuple[float, float] | None = None
+    coef_guard: str = "clamp"  # how coef_range is enforced: see wemoe.model.moe.COEF_GUARDS
 
     def routes(self) -> list[tuple[int, str]]:
         """(block, group) of every routing entry, in the order ``model.routing`` returns them."""
         return [(b, g) for b in self.blocks for g in self.groups]
+
+    def to_record(self) -> dict:
+        """The ``wemoe`` section fields of config.json that rebuild the module."""
+        r = self.router
+        return {
+            "lambda": self.init_lambda,
+            "moe_blocks": list(self.blocks),
+            "groups": list(self.groups),
+            "rank": self.rank,
+            "router": r.kind,
+            "router_options": {"temperature": r.temperature, "top_k": r.top_k, "gate_rank": r.gate_rank},
+            "router_layers": LEARNED_LAYERS.get(r.kind),
+            "router_init_std": 0.01,
+            "coef_range": list(self.coef_range) if self.coef_range else None,
+            "coef_guard": self.coef_guard,
+            "routing_order": [f"{b}.{g}" for b, g in self.routes()],
+        }
+
+    @classmethod
+    def from_record(cls, moe: dict) -> MoESpec:
+        """Inverse of ``to_record``; records of format 1 (MLP-only, ``router_layers`` only) too."""
+        kind = moe.get("router") or {2: "mlp", 1: "linear", 0: "constant"}[int(moe["router_layers"])]
+        options = moe.get("router_options") or {}
+        router = RouterSpec(kind, options.get("temperature"), int(options.get("top_k", 0)), int(options.get("gate_rank", 16)))
+        coef_range = (float(moe["coef_range"][0]), float(moe["coef_range"][1])) if moe.get("coef_range") else None
+        return cls(
+            blocks=tuple(moe["moe_blocks"]),
+            groups=tuple(moe.get("groups", ("mlp",))),
+            rank=moe.get("rank"),
+            router=router,
+            init_lambda=float(moe["lambda"]),
+            coef_range=coef_range,
+            coef_guard=moe.get("coef_guard", "clamp"),
+        )
 
 
 class WEMoEModel(VisionTransformer):
@@ -84,8 +118,8 @@ class WEMoEModel(VisionTransformer):
         def block_fn(a: ViTArch, index: int) -> Block:
             if index not in spec.blocks:
                 return Block(a)
-            routers = {g: Router(a.width, T, spec.router_layers, spec.init_lambda) for g in spec.groups}
-            return MoEBlock(a, T, spec.groups, spec.rank, routers, spec.coef_range)
+            routers = {g: spec.router.build(a.width, T, spec.init_lambda) for g in spec.groups}
+            return MoEBlock(a, T, spec.groups, spec.rank, routers, spec.coef_range, spec.coef_guard)
 
         super().__init__(arch, head_bias=head_bias, block_fn=block_fn)
         self.task_names = list(task_names)
@@ -121,9 +155,9 @@ class WEMoEModel(VisionTransformer):
     def routing(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Routing coefficients, one (B, T) tensor per routed group: blocks in order, in each block
         attention before MLP (``spec.routes()`` names them); experts in task order."""
-        routes: list[torch.Tensor] = []
-        self.encode(images, routes)
-        return routes
+        trace = RoutingTrace()
+        self.encode(images, trace)
+        return trace.routes
 
     def route_labels(self) -> list[str]:
         """A short label per routing entry ("5" for MLP-only models, else "5.attn", "5.mlp")."""
@@ -150,13 +184,11 @@ class WEMoEModel(VisionTransformer):
             for m in blocks:
                 m.fixed_routing = None
 
-    def description(self) -> dict[str, Any]:
-        s = self.spec
-        return {
-            "moe_blocks": list(s.blocks),
-            "groups": list(s.groups),
-            "rank": s.rank,
-            "router_layers": s.router_layers,
-            "lambda": s.init_lambda,
-            "coef_range": list(s.coef_range) if s.coef_range else None,
-        }
+
+def parameter_count(arch: ViTArch, num_tasks: int, spec: MoESpec | None) -> int:
+    """Numbers a merged model holds (parameters and buffers; routers included), counted on the meta device.
+
+    ``spec`` None: a plain ViT of ``arch``."""
+    with torch.device("meta"):
+        model = VisionTransformer(arch) if spec is None else WEMoEModel(arch, [f"t{i}" for i in range(num_tasks)], spec)
+    return sum(t.numel() for t in model.state_dict().values())
