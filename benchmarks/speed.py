@@ -38,15 +38,15 @@ def _gb(n: float) -> float:
     return n / 1e9
 
 
-def make_checkpoints(arch: str, experts: int, directory: Path) -> tuple[Path, list[Path]]:
-    """Base + ``experts`` fine-tune-like copies, written once and reused."""
+def make_checkpoints(arch: str, experts: int, directory: Path, spec: dict | None = None) -> tuple[Path, list[Path]]:
+    """Base + ``experts`` fine-tune-like copies, written once and reused (``spec``: shapes of an arch wemoe has no name for)."""
     import torch
     from open_clip.transformer import QuickGELU, VisionTransformer
 
     from wemoe.arch import KNOWN_ARCHS
     from wemoe.io.safetensors_io import save_tensors
 
-    a = KNOWN_ARCHS[arch]
+    a = spec or KNOWN_ARCHS[arch]
     directory.mkdir(parents=True, exist_ok=True)
     base_path = directory / "base.safetensors"
     task_paths = [directory / f"task{i:02d}.safetensors" for i in range(experts)]

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from wemoe import distributed
 from wemoe.arch import ViTArch
 from wemoe.data import TaskData, preprocess
 from wemoe.heads import Head
@@ -64,7 +65,8 @@ def adapt_parameters(
     seeded generator) and back-propagates each task's loss on its own, so only one
     task's activations are held at a time. Objectives that use routing get the
     model's routing of the batch and the index of the batch's own task among
-    ``model.task_names``; labels are never read.
+    ``model.task_names``; labels are never read. Under torchrun each rank computes
+    only its share of every step and the gradients are summed (``wemoe.distributed``).
     """
     objective = objective or make_objective("entropy")
     experts = {t: model.task_names.index(t) for t in data} if objective.uses_routing else {}
@@ -77,21 +79,25 @@ def adapt_parameters(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))) if cosine else None
     rng = np.random.default_rng(seed)
     samplers = {t: _sampler(len(d), batch_size, rng) for t, d in data.items()}
+    schedule = distributed.StepSchedule.start(data, samplers, params)
     result = AdaptResult(steps=steps, final_loss=None, initial_loss=None)
     started = time.perf_counter()
     with tqdm(range(steps), desc=desc, unit="step", disable=not progress) as bar:
         for _ in bar:
             opt.zero_grad(set_to_none=True)
             total = 0.0
-            for task, d in data.items():
-                images = preprocess(d.take(next(samplers[task])), arch, device)
+            for task, d, indices, weight in schedule.pieces():
+                images = preprocess(d.take(indices), arch, device)
                 if objective.uses_routing:
                     trace = RoutingTrace()
                     loss = objective.loss(heads[task].logits(model.encode(images, trace)), trace.routes, experts[task])
                 else:
                     loss = objective.loss(heads[task].logits(model(images)), None, -1)
+                if weight != 1.0:
+                    loss = loss * weight
                 loss.backward()
                 total += loss.item()
+            total = schedule.combine(params, total)
             opt.step()
             if sched is not None:
                 sched.step()
@@ -136,7 +142,8 @@ def adapt_routers(
         desc="adapting routers",
         objective=objective,
     )
-    result.diagnostics, result.warnings = collapse_check(model, heads, data, device, seed)
+    if distributed.current().main:  # the rank that writes the output records the diagnostics
+        result.diagnostics, result.warnings = collapse_check(model, heads, data, device, seed)
     return result
 
 

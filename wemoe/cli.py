@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from wemoe.errors import UsageError, WemoeError
+from wemoe.errors import ReportedElsewhere, UsageError, WemoeError
 from wemoe.memory import return_freed_memory_to_os
 from wemoe.options import GREEDY_OPTIONS, device_option, expand_greedy, verbosity_options
 from wemoe.runtime import DTYPES
@@ -65,13 +65,15 @@ def _merge_command() -> click.Command:
 
     @click.pass_context
     def callback(ctx: click.Context, **opts: Any) -> None:
+        from wemoe import distributed
         from wemoe.config import merge_config
         from wemoe.merging.job import run_merge
 
         given = {k: (v if v != () else None) for k, v in opts.items()}
         config_path = given.pop("config_path")
         try:
-            run_merge(merge_config(config_path, **given))
+            with distributed.session(given.get("device") or "auto") as world:  # under torchrun: join the ranks, agree on the options
+                run_merge(world.agree(lambda: merge_config(config_path, **given)))
         except UsageError as exc:
             raise click.UsageError(str(exc), ctx=ctx) from None
 
@@ -184,6 +186,16 @@ def build_cli() -> click.Group:
     return cli
 
 
+def _later_rank() -> bool:
+    from wemoe.distributed import launched
+
+    try:
+        world = launched()
+    except WemoeError:
+        return False
+    return world is not None and not world.main
+
+
 def main(argv: list[str] | None = None) -> None:
     return_freed_memory_to_os()
     args = expand_greedy(list(sys.argv[1:] if argv is None else argv), GREEDY_OPTIONS)
@@ -195,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     except click.UsageError as exc:
         if debug:
             raise
+        if _later_rank():  # every torchrun rank parsed the same arguments: rank 0 reports
+            sys.exit(exc.exit_code)
         command = exc.ctx.command_path if exc.ctx is not None else "wemoe"
         click.echo(f"wemoe: error: {exc.format_message()} (see '{command} --help')", err=True)
         sys.exit(exc.exit_code)
@@ -206,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("wemoe: interrupted", err=True)
         sys.exit(130)
+    except ReportedElsewhere as exc:  # a torchrun rank whose error rank 0 prints
+        sys.exit(exc.exit_code)
     except UsageError as exc:
         if debug:
             raise

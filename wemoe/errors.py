@@ -26,3 +26,11 @@ class WemoeError(Exception):
 
 class UsageError(WemoeError):
     """The options do not fit together (an option for another method, a missing --base): exit code 2."""
+
+
+class ReportedElsewhere(WemoeError):
+    """A torchrun rank other than 0 stops for an error that rank 0 prints: the CLI exits with ``exit_code`` and prints nothing."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -5,10 +5,16 @@ order is fixed for every method: options, inputs (keys, shapes, dtypes, finite
 values), heads, the method's own checks (data, parameters against the
 architecture), and only then compute, into a temporary directory renamed into
 place on success.
+
+Under torchrun every rank runs this too (``wemoe.distributed``): the checks are agreed
+(a failure on any rank stops all), rank 0 alone prints and writes the output, and the
+other ranks only share the adaptation.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +23,7 @@ from typing import Any
 import click
 import torch
 
+from wemoe import distributed
 from wemoe.config import MergeConfig
 from wemoe.errors import UsageError
 from wemoe.heads import Head, load_head
@@ -40,6 +47,7 @@ class MergeJob:
     shard_size: int
     started: float = field(default_factory=time.perf_counter)
     state: dict[str, Any] = field(default_factory=dict)  # what prepare() loaded for run()
+    writes: bool = True  # False on torchrun ranks other than 0: adapt, then return without writing
 
     @property
     def params(self) -> Any:
@@ -88,7 +96,7 @@ def prepare_job(config: MergeConfig) -> MergeJob:
     device = resolve_device(config.device)
     dtype = parse_dtype(config.dtype)
     shard_size = parse_size(config.shard_size)
-    if config.out and not config.dry_run:
+    if config.out and not config.dry_run and distributed.current().main:  # only rank 0 writes
         check_destination(config.out, config.force)
     inputs = load_inputs(config.base, [(t.name, t.checkpoint) for t in config.tasks], arch=config.arch, progress=not config.quiet)
     job = MergeJob(config, method, inputs, {}, device, dtype, shard_size)
@@ -116,17 +124,35 @@ def plan(job: MergeJob) -> str:
     return "\n".join(lines)
 
 
-def run_merge(config: MergeConfig) -> Path | None:
-    """Merge as configured; returns the output directory (None for a dry run)."""
+def _prepare_on(world: distributed.World, config: MergeConfig) -> MergeJob:
     job = prepare_job(config)
-    if config.dry_run:
-        click.echo(plan(job))
-        return None
-    assert config.out is not None
-    with AtomicDirectory(config.out, config.force) as tmp:
-        summary = job.method.run(job, tmp)
-    job.note(f"wrote {config.out} ({summary}, {time.perf_counter() - job.started:.1f} s)")
-    return Path(config.out)
+    job.device = world.device(job.device)
+    job.writes = world.main
+    return job
+
+
+def run_merge(config: MergeConfig) -> Path | None:
+    """Merge as configured; returns the output directory (None for a dry run, and on torchrun ranks other than 0)."""
+    with distributed.session(config.device) as world:
+        if not world.main:
+            config = dataclasses.replace(config, quiet=True)  # rank 0 alone prints progress and notes
+        job = world.agree(lambda: _prepare_on(world, config))
+        if config.dry_run:
+            if world.main:
+                click.echo(plan(job))
+            return None
+        assert config.out is not None
+        if not world.main:
+            if job.method.adapts:  # the others' share of the adaptation; a method unaware of job.writes writes to scratch
+                with tempfile.TemporaryDirectory(prefix="wemoe-rank-") as scratch:
+                    job.method.run(job, Path(scratch))
+            return None
+        if world.size > 1 and not job.method.adapts:
+            job.note(f"note: --method {config.method} does not adapt: rank 0 merges alone")
+        with AtomicDirectory(config.out, config.force) as tmp:
+            summary = job.method.run(job, tmp)
+        job.note(f"wrote {config.out} ({summary}, {time.perf_counter() - job.started:.1f} s)")
+        return Path(config.out)
 
 
 __all__ = ["MergeJob", "load_task_heads", "plan", "prepare_job", "run_merge"]

@@ -88,6 +88,8 @@ class AdaMerging(MergeMethod):
         per_key = {k: model.coefficients_of(k).cpu() for k in model.keys}
         adapt_seconds = time.perf_counter() - started
         del model
+        if not job.writes:  # a torchrun rank other than 0: its share of the adaptation is done
+            return "adapted"
 
         def merge(key: str, base: torch.Tensor, taus) -> torch.Tensor:
             return weighted_task_arithmetic(base, taus, per_key[key]) if key in per_key else base

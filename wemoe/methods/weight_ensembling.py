@@ -170,6 +170,8 @@ class WEMoE(MergeMethod):
             model.to("cpu")
             for w in result.warnings:
                 job.warn(w)
+        if not job.writes:  # a torchrun rank other than 0: its share of the adaptation is done
+            return "adapted"
         out_dtype = job.dtype or torch.float32
         config = job.record(out_dtype)
         config["wemoe"] = {
