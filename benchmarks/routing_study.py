@@ -35,7 +35,7 @@ STUDY: dict[str, list[str]] = {
     "guard: paper with straight-through guard": ["--steps", "100", "--lr", "3e-4", "--coef-guard", "straight-through", *ADAPT],
     "objective task, mlp experts": ["--objective", "task", "--steps", "200", "--lr", "1e-3", *ADAPT],
     "objective entropy+task, mlp experts": ["--objective", "entropy+task", "--steps", "200", "--lr", "1e-3", *ADAPT],
-    "objective task, mlp+attn rank 16": ["--objective", "task", "--steps", "200", "--lr", "1e-3", *LOW_RANK, *ADAPT],
+    "objective task, mlp+attn rank 16": ["--objective", "task", "--steps", "100", "--lr", "3e-3", *LOW_RANK, *ADAPT],
     "objective task, linear router, mlp+attn rank 16": ["--objective", "task", "--router", "linear", "--steps", "200", "--lr", "1e-3", *LOW_RANK, *ADAPT],
     "prototype (T 0.05), mlp+attn rank 16": ["--router", "prototype", "--steps", "0", *LOW_RANK, *ADAPT],
     "prototype (T 0.05, top-1), mlp+attn rank 16": ["--router", "prototype", "--router-top-k", "1", "--steps", "0", *LOW_RANK, *ADAPT],
