@@ -66,30 +66,32 @@ def hf_state_from_open_clip(oc: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         "visual_projection.weight": oc["proj"].t().contiguous(),
     }
     for n in range(DEPTH):
-        o, h = f"transformer.resblocks.{n}.", f"vision_model.encoder.layers.{n}."
-        q, k, v = oc[o + "attn.in_proj_weight"].chunk(3)
-        qb, kb, vb = oc[o + "attn.in_proj_bias"].chunk(3)
-        hf.update(
-            {
-                h + "layer_norm1.weight": oc[o + "ln_1.weight"],
-                h + "layer_norm1.bias": oc[o + "ln_1.bias"],
-                h + "self_attn.q_proj.weight": q,
-                h + "self_attn.k_proj.weight": k,
-                h + "self_attn.v_proj.weight": v,
-                h + "self_attn.q_proj.bias": qb,
-                h + "self_attn.k_proj.bias": kb,
-                h + "self_attn.v_proj.bias": vb,
-                h + "self_attn.out_proj.weight": oc[o + "attn.out_proj.weight"],
-                h + "self_attn.out_proj.bias": oc[o + "attn.out_proj.bias"],
-                h + "layer_norm2.weight": oc[o + "ln_2.weight"],
-                h + "layer_norm2.bias": oc[o + "ln_2.bias"],
-                h + "mlp.fc1.weight": oc[o + "mlp.c_fc.weight"],
-                h + "mlp.fc1.bias": oc[o + "mlp.c_fc.bias"],
-                h + "mlp.fc2.weight": oc[o + "mlp.c_proj.weight"],
-                h + "mlp.fc2.bias": oc[o + "mlp.c_proj.bias"],
-            }
-        )
+        hf.update(hf_block_state(oc, f"transformer.resblocks.{n}.", f"vision_model.encoder.layers.{n}."))
     return {k: v.contiguous() for k, v in hf.items()}
+
+
+def hf_block_state(oc: dict[str, torch.Tensor], o: str, h: str) -> dict[str, torch.Tensor]:
+    """One open_clip residual block (prefix ``o``) as a Hugging Face CLIP encoder layer (prefix ``h``), by hand."""
+    q, k, v = oc[o + "attn.in_proj_weight"].chunk(3)
+    qb, kb, vb = oc[o + "attn.in_proj_bias"].chunk(3)
+    return {
+        h + "layer_norm1.weight": oc[o + "ln_1.weight"],
+        h + "layer_norm1.bias": oc[o + "ln_1.bias"],
+        h + "self_attn.q_proj.weight": q,
+        h + "self_attn.k_proj.weight": k,
+        h + "self_attn.v_proj.weight": v,
+        h + "self_attn.q_proj.bias": qb,
+        h + "self_attn.k_proj.bias": kb,
+        h + "self_attn.v_proj.bias": vb,
+        h + "self_attn.out_proj.weight": oc[o + "attn.out_proj.weight"],
+        h + "self_attn.out_proj.bias": oc[o + "attn.out_proj.bias"],
+        h + "layer_norm2.weight": oc[o + "ln_2.weight"],
+        h + "layer_norm2.bias": oc[o + "ln_2.bias"],
+        h + "mlp.fc1.weight": oc[o + "mlp.c_fc.weight"],
+        h + "mlp.fc1.bias": oc[o + "mlp.c_fc.bias"],
+        h + "mlp.fc2.weight": oc[o + "mlp.c_proj.weight"],
+        h + "mlp.fc2.bias": oc[o + "mlp.c_proj.bias"],
+    }
 
 
 def hf_config() -> dict:

@@ -73,6 +73,34 @@ class ViTArch:
             raise WemoeError(f"incomplete architecture description: {exc}") from None
 
 
+@dataclass(frozen=True)
+class TextArch:
+    """A CLIP text tower: a causal transformer over BPE tokens, read at the end-of-text token.
+
+    Its blocks have the image tower's canonical layout, so the same block code runs
+    both; heads and activation are not in the weights (see ``wemoe.text_tower``).
+    """
+
+    width: int
+    depth: int
+    heads: int
+    mlp_width: int
+    context_length: int
+    vocab_size: int
+    embed_dim: int
+    activation: str = "gelu"
+    layer_norm_eps: float = 1e-5
+
+    def summary(self) -> str:
+        return (
+            f"width {self.width} depth {self.depth} heads {self.heads} mlp {self.mlp_width} context {self.context_length} "
+            f"vocab {self.vocab_size} embed {self.embed_dim} activation {self.activation}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def _clip(width: int, depth: int, patch: int, embed: int, act: str, image: int = 224) -> dict[str, Any]:
     return dict(width=width, depth=depth, heads=width // 64, patch_size=patch, image_size=image, mlp_width=4 * width, activation=act, embed_dim=embed)
 

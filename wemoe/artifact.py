@@ -11,6 +11,11 @@ Layout::
     config.json                 the record: format, version, method, parameters, architecture, inputs...
     heads.safetensors           the task heads, when given
     report.json                 timings and curves: the one file that differs between identical runs
+    README.md                   the model card, rendered from the record (``wemoe.model_card``)
+
+A plain output in the Hugging Face layout is a transformers model folder: there
+config.json is the model's own (``wemoe.io.hf_config``) and the record moves to
+``wemoe.json``. Outputs whose config.json is the record stay readable as before.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ def format_version(method: str) -> int:
 
 
 CONFIG_FILE = "config.json"
+RECORD_FILE = "wemoe.json"  # the record, when config.json is the model's own (transformers folders)
 HEADS_FILE = "heads.safetensors"
 REPORT_FILE = "report.json"
 
@@ -54,19 +60,27 @@ def write_output(
     heads: Mapping[str, Any] | None = None,
     report: Callable[[], dict[str, Any]] | None = None,
     shard_size: int | None = None,
+    model_config: Mapping[str, Any] | None = None,
 ) -> list[str]:
-    """Write model file(s), heads, config.json and report.json into ``directory`` (a temporary one).
+    """Write model file(s), heads, the record, report.json and the model card into ``directory`` (a temporary one).
 
     ``report`` is called after the model is written (so its timings include the writing).
+    ``model_config``: the model's own config.json (a transformers folder); the record then goes to wemoe.json.
     """
     from wemoe.heads import save_heads
+    from wemoe.model_card import write_card
 
     files = write_model(directory, entries, produce, config_metadata(config), shard_size)
     if heads:
         save_heads(directory / HEADS_FILE, heads)
-    write_json(directory / CONFIG_FILE, config)
+    if model_config is not None:
+        write_json(directory / CONFIG_FILE, model_config)
+        write_json(directory / RECORD_FILE, config)
+    else:
+        write_json(directory / CONFIG_FILE, config)
     if report is not None:
         write_json(directory / REPORT_FILE, {"files": files, **report()})
+    write_card(directory, config)
     return files
 
 
@@ -93,7 +107,7 @@ class OutputRecord:
     def section(self, name: str) -> dict[str, Any]:
         value = self.raw.get(name)
         if not isinstance(value, dict):
-            raise WemoeError(f"config.json has no '{name}' section", path=self.path)
+            raise WemoeError(f"{self.record_file.name} has no '{name}' section", path=self.path)
         return value
 
     @property
@@ -103,44 +117,58 @@ class OutputRecord:
         return parse_dtype(self.dtype) or torch.float32
 
     @property
+    def record_file(self) -> Path:
+        """wemoe.json when config.json is the model's own, else config.json."""
+        own = self.path / RECORD_FILE
+        return own if own.is_file() else self.path / CONFIG_FILE
+
+    @property
     def heads_path(self) -> Path | None:
         p = self.path / HEADS_FILE
         return p if p.is_file() else None
 
 
-def _field(cfg: dict[str, Any], key: str, kind: type | tuple[type, ...], path: Path) -> Any:
+def _field(cfg: dict[str, Any], key: str, kind: type | tuple[type, ...], path: Path, name: str = CONFIG_FILE) -> Any:
     value = cfg.get(key)
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise WemoeError(f"config.json: '{key}' is missing or of the wrong type", path=path)
+        raise WemoeError(f"{name}: '{key}' is missing or of the wrong type", path=path)
     return value
 
 
 def read_output(path: str | Path) -> OutputRecord | None:
-    """The record of a wemoe output directory; None when ``path`` is not one (another checkpoint)."""
+    """The record of a wemoe output directory; None when ``path`` is not one (another checkpoint).
+
+    The record is wemoe.json when present (config.json is then the model's own), else config.json.
+    """
     p = Path(path)
-    cfg_path = p / CONFIG_FILE
-    if not p.is_dir() or not cfg_path.is_file():
+    if not p.is_dir():
+        return None
+    cfg_path = p / RECORD_FILE if (p / RECORD_FILE).is_file() else p / CONFIG_FILE
+    if not cfg_path.is_file():
         return None
     try:
         cfg = json.loads(cfg_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WemoeError(f"cannot read config.json ({exc})", path=p) from None
+        raise WemoeError(f"cannot read {cfg_path.name} ({exc})", path=p) from None
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        if cfg_path.name == RECORD_FILE:
+            raise WemoeError(f'{RECORD_FILE} is not a wemoe record (no "format": "{FORMAT}")', path=p)
         return None  # e.g. a Hugging Face model folder
-    version = _field(cfg, "format_version", int, p)
+    name = cfg_path.name
+    version = _field(cfg, "format_version", int, p, name)
     if version > format_version(str(cfg.get("method"))):
         raise WemoeError(f"format version {version} is newer than this wemoe understands; upgrade wemoe", path=p)
-    arch = ViTArch.from_dict(_field(cfg, "architecture", dict, p), source="wemoe config.json")
-    tasks = _field(cfg, "tasks", list, p)
+    arch = ViTArch.from_dict(_field(cfg, "architecture", dict, p, name), source=f"wemoe {name}")
+    tasks = _field(cfg, "tasks", list, p, name)
     if not all(isinstance(t, str) for t in tasks):
-        raise WemoeError("config.json: 'tasks' must be a list of names", path=p)
+        raise WemoeError(f"{name}: 'tasks' must be a list of names", path=p)
     return OutputRecord(
         path=p,
         raw=cfg,
         format_version=version,
-        method=_field(cfg, "method", str, p),
+        method=_field(cfg, "method", str, p, name),
         architecture=arch,
-        scheme=_field(cfg, "scheme", str, p),
+        scheme=_field(cfg, "scheme", str, p, name),
         prefix=cfg.get("prefix") or "",
         tasks=list(tasks),
         dtype=cfg.get("dtype") or "float32",
@@ -152,7 +180,7 @@ def require_output(path: str | Path, moe: bool | None = None) -> OutputRecord:
     """The record of ``path``, refusing anything else (and a plain output where a MoE one is needed)."""
     record = read_output(path)
     if record is None:
-        raise WemoeError("not a wemoe output directory (no wemoe config.json)", path=path)
+        raise WemoeError(f"not a wemoe output directory (no {RECORD_FILE} and no wemoe {CONFIG_FILE})", path=path)
     if moe is True and not record.is_moe:
         raise WemoeError(f"a {record.method} output is a plain checkpoint, not a mixture of experts", path=path)
     return record
@@ -164,6 +192,7 @@ __all__ = [
     "FORMAT_VERSION",
     "HEADS_FILE",
     "MOE_METHODS",
+    "RECORD_FILE",
     "OutputRecord",
     "REPORT_FILE",
     "read_output",

@@ -1,4 +1,4 @@
-"""The ``wemoe`` command line: merge, eval, inspect, routes, export.
+"""The ``wemoe`` command line: merge, eval, heads, inspect, routes, export.
 
 A thin layer over the library: ``merge`` builds the same typed configuration as
 ``wemoe.merge`` and runs it. Its ``--method`` choices and method flags are
@@ -84,7 +84,13 @@ def _merge_command() -> click.Command:
         click.Option(["--tasks"], multiple=True, metavar="[NAME=]PATH ...", help="Fine-tuned checkpoints, one or more after the flag."),
         click.Option(["--method"], type=click.Choice(names), default=None, help="Merge method [default: task-arithmetic]."),
         click.Option(["--out"], type=click.Path(), help="Output directory."),
-        click.Option(["--heads"], multiple=True, metavar="[NAME=]PATH ...", help="Classification head per task (stored with the output; needed to adapt)."),
+        click.Option(
+            ["--heads"],
+            multiple=True,
+            metavar="[NAME=]PATH ...",
+            help="Classification head per task (stored with the output; needed to adapt): a head file, or clip:CLIP for a zero-shot head "
+            "from that full CLIP checkpoint and the class names of the task's --data (clip:CLIP without NAME= serves every task).",
+        ),
         click.Option(["--data"], multiple=True, metavar="[NAME=]PATH ...", help="Unlabeled images per task, for methods that adapt."),
         click.Option(["--arch"], help="Architecture name (e.g. ViT-B-32-quickgelu) or JSON file; overrides what files say."),
         click.Option(["--dtype"], type=click.Choice(list(DTYPES)), default=None, help="Output dtype [the base's; wemoe: float32]."),
@@ -107,13 +113,19 @@ def _merge_command() -> click.Command:
 @click.argument("model", required=False)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file naming model and tasks; flags override it.")
 @click.option(
-    "--task", "tasks", multiple=True, metavar="NAME=HEAD:DATA ...", help="Task to evaluate (repeatable); HEAD may be empty for outputs that store heads."
+    "--task",
+    "tasks",
+    multiple=True,
+    metavar="NAME=HEAD:DATA ...",
+    help="Task to evaluate (repeatable); HEAD may be empty for outputs that store heads, or clip:CLIP (NAME=clip:CLIP:DATA) "
+    "for a zero-shot head from that full CLIP checkpoint and the data's class names.",
 )
 @click.option("--split", default="test", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per forward pass [64].")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N images per task.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write results as JSON.")
 @click.option("--arch", help="Architecture name or JSON file for a plain checkpoint.")
+@click.option("--card", is_flag=True, help="Record the accuracies in the output directory's model card (README.md).")
 @device_option
 @verbosity_options
 def eval_cmd(**opts: Any) -> None:
@@ -171,6 +183,30 @@ def export(**opts: Any) -> None:
     run_export(opts)
 
 
+@click.command(name="heads")
+@click.option("--clip", "clip", required=True, help="Full CLIP checkpoint with its text tower: an open_clip file or a Hugging Face CLIPModel folder.")
+@click.option(
+    "--task",
+    "tasks",
+    multiple=True,
+    metavar="NAME=CLASSES ...",
+    help="Class names of a task: a text file (one per line), an image folder (its class folders) or an .npz with 'classes'.",
+)
+@click.option("--templates", default="auto", show_default=True, help="Prompt templates: auto (the task's published set, else openai), a set's name, or a file.")
+@click.option("--out", required=True, type=click.Path(), help="Directory for the head files (NAME.safetensors).")
+@click.option("--arch", help="Architecture name or JSON file (its activation is the text tower's too).")
+@click.option("--split", default="test", show_default=True, help="Split sub-folder of image folders given as CLASSES.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Prompts per forward pass.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@device_option
+@verbosity_options
+def heads_cmd(**opts: Any) -> None:
+    """Zero-shot heads from a CLIP text tower, class names and prompt templates."""
+    from wemoe.commands.heads import run_heads
+
+    run_heads(opts)
+
+
 def build_cli() -> click.Group:
     """The command group, with ``merge`` generated from the method registry as it is now."""
 
@@ -181,7 +217,7 @@ def build_cli() -> click.Group:
         """Merge task-finetuned vision transformers into one model (WEMoE and static baselines)."""
 
     cli.add_command(_merge_command())
-    for command in (eval_cmd, inspect, routes, export):
+    for command in (eval_cmd, heads_cmd, inspect, routes, export):
         cli.add_command(command)
     return cli
 

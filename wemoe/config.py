@@ -108,8 +108,17 @@ def yaml_tasks(cfg: Mapping[str, Any], path: str | Path) -> dict[str, dict[str, 
         unknown = set(spec) - set(TASK_FIELDS)
         if unknown:
             raise WemoeError(f"task '{name}' has unknown field(s) {sorted(unknown)}", path=path)
-        out[str(name)] = {f: relative_to(here, spec[f]) for f in TASK_FIELDS if spec.get(f) not in (None, "")}
+        out[str(name)] = {f: _task_path(here, f, spec[f]) for f in TASK_FIELDS if spec.get(f) not in (None, "")}
     return out
+
+
+def _task_path(here: Path, field: str, value: Any) -> str:
+    """A task's path from YAML, relative to the file; a ``clip:PATH`` head keeps its prefix."""
+    from wemoe.heads import CLIP_SOURCE, is_clip_source
+
+    if field == "head" and is_clip_source(str(value)):
+        return CLIP_SOURCE + relative_to(here, str(value)[len(CLIP_SOURCE) :])
+    return relative_to(here, value)
 
 
 def _check_yaml_keys(cfg: Mapping[str, Any], path: str | Path) -> None:
@@ -157,6 +166,31 @@ def named_paths(value: Mapping[str, Any] | Sequence[Any] | None, what: str) -> d
         pairs = [split_named(str(v)) for v in value]
     check_unique([n for n, _ in pairs], f"{what} for task")
     return dict(pairs)
+
+
+def shared_heads(value: Mapping[str, Any] | Sequence[Any] | None, task_names: Sequence[str]) -> Mapping[str, Any] | Sequence[Any] | None:
+    """``--heads clip:PATH`` without a name: a zero-shot head from that CLIP checkpoint for every task given no other head."""
+    from wemoe.heads import is_clip_source
+
+    if value is None or isinstance(value, Mapping):
+        return value
+    values = [str(v) for v in ([value] if isinstance(value, (str, Path)) else value)]
+    shared = [v for v in values if is_clip_source(v)]
+    named = [v for v in values if not is_clip_source(v)]
+    if len(shared) > 1:
+        raise WemoeError(f"--heads names more than one CLIP checkpoint for every task ({', '.join(shared)})")
+    given = {split_named(v)[0] for v in named}
+    return named + [f"{n}={shared[0]}" for n in task_names if shared and n not in given]
+
+
+def _check_clip_heads(specs: Sequence[TaskSpec], method: str, adapts: bool) -> None:
+    """A ``clip:`` head takes its class names from the task's data, so it needs ``--data``."""
+    from wemoe.heads import CLIP_SOURCE, is_clip_source
+
+    for spec in specs:
+        if is_clip_source(spec.head) and not spec.data:
+            reason = f"give --data {spec.name}=PATH" if adapts else f"--method {method} takes no --data: build the head with `wemoe heads` first"
+            raise UsageError(f"--heads {spec.name}={spec.head}: {CLIP_SOURCE} heads take the class names from the task's data; {reason}")
 
 
 def _per_task(paths: dict[str, str], task_names: Sequence[str], flag: str) -> dict[str, str]:
@@ -208,7 +242,7 @@ def merge_config(config: str | Path | None = None, **given: Any) -> MergeConfig:
 
     tasks = named_paths(given.get("tasks"), "checkpoint") or {n: s["checkpoint"] for n, s in yaml_task_specs.items() if "checkpoint" in s}
     names = list(tasks)
-    heads = _per_task(named_paths(given.get("heads"), "head"), names, "--heads") or {
+    heads = _per_task(named_paths(shared_heads(given.get("heads"), names), "head"), names, "--heads") or {
         n: s["head"] for n, s in yaml_task_specs.items() if "head" in s and n in tasks
     }
     explicit_data = named_paths(given.get("data"), "data")
@@ -220,6 +254,7 @@ def merge_config(config: str | Path | None = None, **given: Any) -> MergeConfig:
     else:
         data = {}
     specs = [TaskSpec(n, tasks[n], heads.get(n), data.get(n)) for n in names]
+    _check_clip_heads(specs, method, method_cls.adapts)
 
     known_params = all_params()
     param_keys = set(known_params)

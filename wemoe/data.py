@@ -145,14 +145,24 @@ def _load_npz(path: Path, split: str) -> TaskData:
     return TaskData(str(path), y.astype(np.int64), arrays=x, classes=classes)
 
 
-def _load_folder(path: Path, split: str) -> TaskData:
-    root = path / split if (path / split).is_dir() else path
+def _folder_root(path: Path, split: str) -> Path:
+    return path / split if (path / split).is_dir() else path
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    """The class sub-folders of an image folder; their sorted order is the label order."""
     try:
         class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     except OSError as exc:
         raise WemoeError(f"cannot list directory ({exc.strerror})", path=root) from None
     if not class_dirs:
         raise WemoeError("no class sub-folders (expected one folder of images per class)", path=root)
+    return class_dirs
+
+
+def _load_folder(path: Path, split: str) -> TaskData:
+    root = _folder_root(path, split)
+    class_dirs = _class_dirs(root)
     files: list[Path] = []
     labels: list[int] = []
     for label, d in enumerate(class_dirs):
@@ -173,6 +183,23 @@ def _load_folder(path: Path, split: str) -> TaskData:
     if not files:
         raise WemoeError("no images in any class folder", path=root)
     return TaskData(str(root), np.asarray(labels, dtype=np.int64), files=files, classes=[d.name for d in class_dirs])
+
+
+def read_classes(path: str | Path, split: str = "test") -> list[str] | None:
+    """Class names of task data in label order, without reading its images: an image folder's
+    class sub-folders, or an .npz's ``classes`` array (None when it has none)."""
+    p = Path(path)
+    if not p.exists():
+        raise WemoeError("no such file or directory", path=p)
+    if p.is_dir():
+        return [d.name for d in _class_dirs(_folder_root(p, split))]
+    if p.suffix != ".npz":
+        raise WemoeError("data must be an image folder or an .npz file", path=p)
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return [str(c) for c in z["classes"]] if "classes" in z.files else None
+    except Exception as exc:
+        raise WemoeError(f"cannot read .npz ({type(exc).__name__})", path=p) from None
 
 
 def load_data(path: str | Path, split: str = "test") -> TaskData:

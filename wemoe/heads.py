@@ -22,6 +22,12 @@ from wemoe.io.safetensors_io import save_tensors
 from wemoe.io.sources import open_source
 
 TRUE = {"1", "true", "yes", "True"}
+# a head given as ``clip:PATH`` is built from that CLIP checkpoint's text tower (``wemoe.zeroshot``)
+CLIP_SOURCE = "clip:"
+
+
+def is_clip_source(spec: str | None) -> bool:
+    return bool(spec) and str(spec).startswith(CLIP_SOURCE)
 
 
 @dataclass
@@ -87,6 +93,17 @@ def load_head(path: str | Path) -> Head:
         except json.JSONDecodeError:
             classes = None
     return Head(weight, bias, meta.get("normalize", "false") in TRUE, classes, str(path))
+
+
+def save_head(path: Path, head: Head, metadata: Mapping[str, str] | None = None) -> None:
+    """One head file that :func:`load_head` reads back: ``weight`` (and ``bias``), ``normalize`` and ``classes``."""
+    tensors = {"weight": head.weight.float().contiguous()}
+    if head.bias is not None:
+        tensors["bias"] = head.bias.float().contiguous()
+    meta = {"normalize": "true" if head.normalize else "false", **(metadata or {})}
+    if head.classes is not None:
+        meta["classes"] = json.dumps(head.classes)
+    save_tensors(path, tensors, meta)
 
 
 def save_heads(path: Path, heads: Mapping[str, Head]) -> None:

@@ -1,5 +1,5 @@
 """``wemoe export``: bake one task's mean routing into a plain ViT checkpoint,
-written in the base's own key scheme so timm / open_clip load it directly."""
+written in the base's own key scheme so timm / open_clip / transformers load it directly."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from wemoe.artifact import format_version, require_output, write_output
 from wemoe.data import load_data
 from wemoe.errors import WemoeError
+from wemoe.io.hf_config import own_model_config
 from wemoe.io.output import AtomicDirectory, check_destination
 from wemoe.model.wemoe_model import WEMoEModel
 from wemoe.options import echo_note, progress_enabled
@@ -66,7 +67,8 @@ def run_export(opts: dict[str, Any]) -> None:
         }
     )
     heads = {task: model.heads[task]} if task in model.heads else None
+    model_config = own_model_config(record.scheme, record.raw.get("model_config"), record.architecture, dtype)
     with AtomicDirectory(opts["out"], bool(opts.get("force"))) as tmp:
         entries = [(k, v.dtype, tuple(v.shape)) for k, v in native.items()]
-        write_output(tmp, config, entries, lambda: iter(native.items()), heads=heads)
+        write_output(tmp, config, entries, lambda: iter(native.items()), heads=heads, model_config=model_config)
     echo_note(opts, f"wrote {opts['out']} (plain {record.scheme} checkpoint for task '{task}')")

@@ -179,8 +179,13 @@ def write_json(path: Path, data: Mapping) -> None:
 
 
 def config_metadata(config: Mapping) -> dict[str, str]:
-    """The config as safetensors header metadata (string values only)."""
+    """The config as safetensors header metadata (string values only).
+
+    ``format`` stays ``pt``: it says how the tensors were saved (transformers refuses
+    any other value), so the record's own ``format`` is left to config.json / wemoe.json.
+    """
     out = {"format": "pt"}
     for k, v in config.items():
-        out[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+        if k != "format":
+            out[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
     return out

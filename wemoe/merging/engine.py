@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from wemoe.artifact import write_output
+from wemoe.io.hf_config import own_model_config
 from wemoe.io.output import Entry
 from wemoe.merging.inputs import MergeInputs
 from wemoe.methods.registry import MergeMethod
@@ -61,7 +62,8 @@ def merged_tensors(
 
 
 def write_plain_merge(job, directory: Path, fn: TensorMerge, record_extra: dict | None = None, report_extra: dict | None = None) -> None:
-    """Stream ``fn`` over every tensor into ``directory``: model, heads, config.json, report.json."""
+    """Stream ``fn`` over every tensor into ``directory``: model, heads, record, report.json, model card
+    (and, for a Hugging Face base, the model's own config.json)."""
     inputs = job.inputs
     out_dtype = job.dtype or inputs.base.dtype("blocks.0.mlp.fc1.weight")
     config = job.record(out_dtype)
@@ -75,6 +77,7 @@ def write_plain_merge(job, directory: Path, fn: TensorMerge, record_extra: dict 
         heads=job.heads,
         report=lambda: {"seconds": round(time.perf_counter() - started, 3), "device": job.device, **(report_extra or {})},
         shard_size=job.shard_size,
+        model_config=own_model_config(inputs.base.scheme, inputs.base.source.config, inputs.base.arch, out_dtype),
     )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,14 +25,16 @@ import click
 import torch
 
 from wemoe import distributed
-from wemoe.config import MergeConfig
-from wemoe.errors import UsageError
-from wemoe.heads import Head, load_head
+from wemoe.config import MergeConfig, TaskSpec
+from wemoe.data import read_classes
+from wemoe.errors import UsageError, WemoeError
+from wemoe.heads import CLIP_SOURCE, Head, is_clip_source, load_head
 from wemoe.io.output import AtomicDirectory, check_destination, parse_size
 from wemoe.merging.inputs import MergeInputs, load_inputs
 from wemoe.methods import MergeMethod, get_method, params_record
 from wemoe.provenance import base_config
 from wemoe.runtime import parse_dtype, resolve_device
+from wemoe.zeroshot import ZeroShotHeads
 
 
 @dataclass
@@ -76,13 +79,29 @@ class MergeJob:
         return config
 
 
-def load_task_heads(specs: dict[str, str], feature_dim: int) -> dict[str, Head]:
-    """Heads per task, validated against the encoder's output size."""
+def load_task_heads(
+    tasks: Sequence[TaskSpec],
+    feature_dim: int,
+    split: str = "test",
+    arch: str | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+) -> dict[str, Head]:
+    """Heads per task (files, or ``clip:PATH`` built from the task data's class names), validated against the encoder's output size."""
     heads: dict[str, Head] = {}
-    for name, path in specs.items():
-        head = load_head(path)
-        head.check_features(feature_dim, name)
-        heads[name] = head
+    zero_shot: ZeroShotHeads | None = None
+    for task in tasks:
+        if not task.head:
+            continue
+        if is_clip_source(task.head):
+            if not task.data:  # merge_config refuses this first; direct callers get the same line
+                raise WemoeError(f"--heads {task.name}={task.head}: {CLIP_SOURCE} heads take the class names from the task's data (--data)")
+            zero_shot = zero_shot or ZeroShotHeads(arch, device, progress)
+            head = zero_shot.head(task.head, task.name, read_classes(task.data, split), task.data)
+        else:
+            head = load_head(task.head)
+        head.check_features(feature_dim, task.name)
+        heads[task.name] = head
     return heads
 
 
@@ -102,7 +121,8 @@ def prepare_job(config: MergeConfig) -> MergeJob:
     job = MergeJob(config, method, inputs, {}, device, dtype, shard_size)
     for note in inputs.notes:
         job.note(f"note: {note}")
-    job.heads = load_task_heads({t.name: t.head for t in config.tasks if t.head}, inputs.base.arch.output_dim)
+    split = getattr(config.params, "split", "test")
+    job.heads = load_task_heads(config.tasks, inputs.base.arch.output_dim, split, config.arch, device, not config.quiet)
     method.prepare(job)
     return job
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from wemoe.errors import UsageError, WemoeError
+from wemoe.io.hf_config import own_model_config
 from wemoe.methods.adaptive import HELP, data_plan, load_adaptation_data
 from wemoe.methods.registry import MergeMethod, param, register
 from wemoe.model.moe import COEF_GUARDS
@@ -191,6 +192,10 @@ class WEMoE(MergeMethod):
                 "warnings": result.warnings if result else [],
             },
         }
+        base = job.inputs.base
+        own = own_model_config(base.scheme, base.source.config, base.arch, out_dtype)
+        if own is not None:  # the base library's config, for the plain checkpoints `wemoe export` writes
+            config["model_config"] = own
         write_wemoe(
             directory,
             model,

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wemoe.arch import ViTArch
+from wemoe.arch import TextArch, ViTArch
 from wemoe.errors import WemoeError
 from wemoe.heads import Head
 from wemoe.model.activations import get_activation
@@ -46,16 +46,19 @@ class Mlp(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, width: int, heads: int, linear: LinearFactory = Linear):
+    """Multi-head self-attention; ``causal`` lets each token see only earlier ones (CLIP's text tower)."""
+
+    def __init__(self, width: int, heads: int, linear: LinearFactory = Linear, causal: bool = False):
         super().__init__()
         self.heads = heads
+        self.causal = causal
         self.qkv = linear(width, 3 * width)
         self.proj = linear(width, width)
 
     def forward(self, x: torch.Tensor, coefs: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = x.shape
         qkv = self.qkv(x, coefs).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=self.causal)
         return self.proj(out.transpose(1, 2).reshape(b, n, d), coefs)
 
 
@@ -76,10 +79,10 @@ class RoutingTrace:
 class Block(nn.Module):
     """Pre-norm transformer block. A ``trace`` collects routing; plain blocks add nothing to it."""
 
-    def __init__(self, arch: ViTArch, attn_linear: LinearFactory = Linear, mlp_linear: LinearFactory = Linear):
+    def __init__(self, arch: ViTArch | TextArch, attn_linear: LinearFactory = Linear, mlp_linear: LinearFactory = Linear, causal: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(arch.width, eps=arch.layer_norm_eps)
-        self.attn = Attention(arch.width, arch.heads, attn_linear)
+        self.attn = Attention(arch.width, arch.heads, attn_linear, causal)
         self.norm2 = nn.LayerNorm(arch.width, eps=arch.layer_norm_eps)
         self.mlp = Mlp(arch.width, arch.mlp_width, arch.activation, mlp_linear)
 

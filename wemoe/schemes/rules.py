@@ -80,8 +80,8 @@ class SchemeMatch:
     prefix: str
     depth: int
     native_of: dict[str, tuple[str, ...]]  # canonical key -> full native keys
-    extras: tuple[str, ...]  # vision-tower keys no rule uses (integer buffers only)
-    ignored: tuple[str, ...]  # keys outside the vision tower (text tower, logit scale)
+    extras: tuple[str, ...]  # keys of the tower that no rule uses (integer buffers only)
+    ignored: tuple[str, ...]  # keys outside the tower (the other tower, logit scale)
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class Scheme:
     anchor: str  # native key (relative to prefix) that identifies the scheme
     confirm: str  # a second native key that must sit beside the anchor (tells the image tower from a text tower)
     block_regex: str  # finds block indices in native keys (relative to prefix)
-    vision_roots: tuple[str, ...]  # native roots (relative to prefix) of the vision tower; "" = all
+    roots: tuple[str, ...]  # native roots (relative to prefix) of the tower this scheme reads; "" = all
     rules: tuple[Rule, ...]
     zero_only: tuple[str, ...] = ()  # canonical keys this layout cannot store unless all zeros
 
@@ -104,7 +104,7 @@ class Scheme:
         return None
 
     def match(self, keys: Sequence[str], prefix: str, path: str | None = None) -> SchemeMatch:
-        vision = [k for k in keys if k.startswith(prefix) and any(k[len(prefix) :].startswith(r) for r in self.vision_roots)]
+        vision = [k for k in keys if k.startswith(prefix) and any(k[len(prefix) :].startswith(r) for r in self.roots)]
         ignored = tuple(k for k in keys if k not in set(vision))
         rx = re.compile(self.block_regex)
         blocks = {int(m.group(1)) for k in vision if (m := rx.match(k[len(prefix) :]))}
@@ -157,7 +157,8 @@ class Scheme:
         return {k: tuple(v.shape) for k, v in self.to_native(canonical_key, probe, prefix).items()}
 
 
-def _block_rules(template: dict[str, tuple[str, ...] | str], conv: dict[str, Conversion] | None = None) -> list[Rule]:
+def block_rules(template: dict[str, tuple[str, ...] | str], conv: dict[str, Conversion] | None = None) -> list[Rule]:
+    """Rules for every canonical block part, from a template of native names (``{n}`` = block index)."""
     conv = conv or {}
     rules = []
     for part in BLOCK_PARTS:
@@ -167,22 +168,47 @@ def _block_rules(template: dict[str, tuple[str, ...] | str], conv: dict[str, Con
     return rules
 
 
+def open_clip_block_rules() -> list[Rule]:
+    """open_clip's residual blocks: the same names in its image and text towers."""
+    oc = "transformer.resblocks.{n}."
+    names = {"norm1": "ln_1", "attn.qkv": "attn.in_proj", "attn.proj": "attn.out_proj", "norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    template = {}
+    for part in BLOCK_PARTS:
+        layer, kind = part.rsplit(".", 1)
+        native = names[layer]
+        template[part] = oc + (f"{native}_{kind}" if layer == "attn.qkv" else f"{native}.{kind}")
+    return block_rules(template)
+
+
+def hf_block_rules(tower: str) -> list[Rule]:
+    """Hugging Face CLIP encoder layers of ``tower`` (``vision_model`` or ``text_model``); q, k, v kept apart."""
+    hf = f"{tower}.encoder.layers.{{n}}."
+    names = {"norm1": "layer_norm1", "attn.proj": "self_attn.out_proj", "norm2": "layer_norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    template: dict[str, tuple[str, ...] | str] = {}
+    for part in BLOCK_PARTS:
+        layer, kind = part.rsplit(".", 1)
+        if layer == "attn.qkv":
+            template[part] = tuple(f"{hf}self_attn.{x}_proj.{kind}" for x in "qkv")
+        else:
+            template[part] = f"{hf}{names[layer]}.{kind}"
+    return block_rules(template, {"attn.qkv.weight": CONCAT3, "attn.qkv.bias": CONCAT3})
+
+
 TIMM = Scheme(
     name="timm",
     anchor="blocks.0.mlp.fc1.weight",
     confirm="patch_embed.proj.weight",
     block_regex=r"blocks\.(\d+)\.",
-    vision_roots=("",),
-    rules=tuple([Rule(k, (k,)) for k in GLOBAL_KEYS] + _block_rules({p: f"blocks.{{n}}.{p}" for p in BLOCK_PARTS})),
+    roots=("",),
+    rules=tuple([Rule(k, (k,)) for k in GLOBAL_KEYS] + block_rules({p: f"blocks.{{n}}.{p}" for p in BLOCK_PARTS})),
 )
 
-_OC = "transformer.resblocks.{n}."
 OPEN_CLIP = Scheme(
     name="open_clip",
     anchor="transformer.resblocks.0.mlp.c_fc.weight",
     confirm="conv1.weight",
     block_regex=r"transformer\.resblocks\.(\d+)\.",
-    vision_roots=("",),
+    roots=("",),
     rules=tuple(
         [
             Rule("cls_token", ("class_embedding",), VECTOR_AS_TOKEN),
@@ -194,34 +220,17 @@ OPEN_CLIP = Scheme(
             Rule("norm.bias", ("ln_post.bias",)),
             Rule("head.weight", ("proj",), TRANSPOSE),
         ]
-        + _block_rules(
-            {
-                "norm1.weight": _OC + "ln_1.weight",
-                "norm1.bias": _OC + "ln_1.bias",
-                "attn.qkv.weight": _OC + "attn.in_proj_weight",
-                "attn.qkv.bias": _OC + "attn.in_proj_bias",
-                "attn.proj.weight": _OC + "attn.out_proj.weight",
-                "attn.proj.bias": _OC + "attn.out_proj.bias",
-                "norm2.weight": _OC + "ln_2.weight",
-                "norm2.bias": _OC + "ln_2.bias",
-                "mlp.fc1.weight": _OC + "mlp.c_fc.weight",
-                "mlp.fc1.bias": _OC + "mlp.c_fc.bias",
-                "mlp.fc2.weight": _OC + "mlp.c_proj.weight",
-                "mlp.fc2.bias": _OC + "mlp.c_proj.bias",
-            }
-        )
+        + open_clip_block_rules()
     ),
     zero_only=("head.bias", "patch_embed.proj.bias"),
 )
 
-_HF = "vision_model.encoder.layers.{n}."
-_HF_QKV = lambda kind: tuple(f"{_HF}self_attn.{x}_proj.{kind}" for x in "qkv")
 HF_CLIP = Scheme(
     name="hf_clip",
     anchor="vision_model.encoder.layers.0.mlp.fc1.weight",
     confirm="vision_model.embeddings.patch_embedding.weight",
     block_regex=r"vision_model\.encoder\.layers\.(\d+)\.",
-    vision_roots=("vision_model.", "visual_projection."),
+    roots=("vision_model.", "visual_projection."),
     rules=tuple(
         [
             Rule("cls_token", ("vision_model.embeddings.class_embedding",), VECTOR_AS_TOKEN),
@@ -233,23 +242,7 @@ HF_CLIP = Scheme(
             Rule("norm.bias", ("vision_model.post_layernorm.bias",)),
             Rule("head.weight", ("visual_projection.weight",)),
         ]
-        + _block_rules(
-            {
-                "norm1.weight": _HF + "layer_norm1.weight",
-                "norm1.bias": _HF + "layer_norm1.bias",
-                "attn.qkv.weight": _HF_QKV("weight"),
-                "attn.qkv.bias": _HF_QKV("bias"),
-                "attn.proj.weight": _HF + "self_attn.out_proj.weight",
-                "attn.proj.bias": _HF + "self_attn.out_proj.bias",
-                "norm2.weight": _HF + "layer_norm2.weight",
-                "norm2.bias": _HF + "layer_norm2.bias",
-                "mlp.fc1.weight": _HF + "mlp.fc1.weight",
-                "mlp.fc1.bias": _HF + "mlp.fc1.bias",
-                "mlp.fc2.weight": _HF + "mlp.fc2.weight",
-                "mlp.fc2.bias": _HF + "mlp.fc2.bias",
-            },
-            {"attn.qkv.weight": CONCAT3, "attn.qkv.bias": CONCAT3},
-        )
+        + hf_block_rules("vision_model")
     ),
     zero_only=("head.bias", "patch_embed.proj.bias"),
 )
