@@ -220,3 +220,25 @@ def test_router_and_objective_refusals(setup, capsys):
     code, _, err = merge(capsys, setup, "bad6", "--coef-guard", "soft")
     assert_one_line_error(code, err, "--coef-guard must be one of clamp, straight-through")
     assert not any((tmp / f"bad{i}").exists() for i in range(1, 7))
+
+
+@pytest.mark.parametrize("guard", ["clamp", "straight-through"])
+def test_coefficient_guard_keeps_gradients_only_when_straight_through(setup, capsys, guard):
+    """The small case that got stuck: 3 tasks, random heads, lr 1e-2, 30 steps, coefficients kept in [0, 1]."""
+    tmp = setup[0]
+    code, _, err = merge(capsys, setup, f"guard-{guard}", "--coef-guard", guard, "--steps", "30", "--lr", "1e-2", "--batch-size", "8")
+    assert code == 0, err
+    model = wemoe.load(tmp / f"guard-{guard}")
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    routes = torch.stack(model.routing(x))
+    params = model.router_parameters()
+    for p in params:
+        p.requires_grad_(True)
+    grads = torch.autograd.grad(model.logits(x, "t0").logsumexp(-1).sum(), params, allow_unused=True)
+    flowing = sum(float(g.abs().sum()) for g in grads if g is not None)
+    at_bounds = ((routes == 0) | (routes == 1)).float().mean().item()
+    assert routes.min() >= 0 and routes.max() <= 1  # both keep the range in the forward
+    if guard == "clamp":
+        assert at_bounds == 1.0 and flowing == 0.0  # every coefficient pinned: the routers can no longer learn
+    else:
+        assert flowing > 0.0  # gradients still reach the routers
