@@ -165,25 +165,29 @@ LOW_RANK_16 = ["--experts", "mlp,attn", "--expert-rank", 16]
 PAPER = ("WEMoE, the paper's: MLP experts, 2-layer routers, entropy, test-time adaptation", ["--method", "wemoe", "--steps", 100, "--lr", ADAPT_LR, *ADAPT])
 BEST = (
     "WEMoE, recommended: mlp+attn rank-16 experts, task objective, adapted on the train split",
-    ["--method", "wemoe", *LOW_RANK_16, "--objective", "task", "--steps", 100, "--lr", 3e-3, "--split", "train", *ADAPT],
+    ["--method", "wemoe", *LOW_RANK_16, "--objective", "task", "--steps", 100, "--lr", 1e-2, "--split", "train", *ADAPT],
 )
 MAIN_WEMOE = {"wemoe": PAPER, "wemoe-best": BEST}
 EXTENDED_WEMOE = {
-    "wemoe-straight-through": (
-        "WEMoE paper row with the straight-through coefficient guard",
-        ["--method", "wemoe", "--steps", 100, "--lr", ADAPT_LR, "--coef-guard", "straight-through", *ADAPT],
+    "wemoe-clamp": (
+        "WEMoE paper row with the hard clamp coefficient guard (no gradient past a bound)",
+        ["--method", "wemoe", "--steps", 100, "--lr", ADAPT_LR, "--coef-guard", "clamp", *ADAPT],
     ),
     "wemoe-task-mlp": (
         "task objective, MLP experts (dense), train split",
-        ["--method", "wemoe", "--objective", "task", "--steps", 100, "--lr", 3e-3, "--split", "train", *ADAPT],
+        ["--method", "wemoe", "--objective", "task", "--steps", 100, "--lr", 1e-2, "--split", "train", *ADAPT],
+    ),
+    "wemoe-task-dense": (
+        "task objective, mlp+attn dense experts, train split",
+        ["--method", "wemoe", "--experts", "mlp,attn", "--objective", "task", "--steps", 100, "--lr", 1e-2, "--split", "train", *ADAPT],
     ),
     "wemoe-entropy+task": (
         "entropy+task objective, mlp+attn rank 16, train split",
-        ["--method", "wemoe", *LOW_RANK_16, "--objective", "entropy+task", "--steps", 100, "--lr", 3e-3, "--split", "train", *ADAPT],
+        ["--method", "wemoe", *LOW_RANK_16, "--objective", "entropy+task", "--steps", 100, "--lr", 1e-2, "--split", "train", *ADAPT],
     ),
     "wemoe-task-linear": (
         "task objective, linear routers, mlp+attn rank 16, train split",
-        ["--method", "wemoe", *LOW_RANK_16, "--router", "linear", "--objective", "task", "--steps", 100, "--lr", 3e-3, "--split", "train", *ADAPT],
+        ["--method", "wemoe", *LOW_RANK_16, "--router", "linear", "--objective", "task", "--steps", 100, "--lr", 1e-2, "--split", "train", *ADAPT],
     ),
     "wemoe-prototype": (
         "prototype routers (training-free), mlp+attn rank 16, train split",
@@ -191,7 +195,7 @@ EXTENDED_WEMOE = {
     ),
     "wemoe-prototype-task": (
         "prototype routers + task objective, mlp+attn rank 16, train split",
-        ["--method", "wemoe", *LOW_RANK_16, "--router", "prototype", "--objective", "task", "--steps", 100, "--lr", 3e-3, "--split", "train", *ADAPT],
+        ["--method", "wemoe", *LOW_RANK_16, "--router", "prototype", "--objective", "task", "--steps", 100, "--lr", 1e-2, "--split", "train", *ADAPT],
     ),
     "wemoe-subspace": (
         "subspace routers (SMILE, training-free), mlp+attn rank 16",

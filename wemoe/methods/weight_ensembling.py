@@ -17,7 +17,7 @@ from wemoe.errors import UsageError, WemoeError
 from wemoe.io.hf_config import own_model_config
 from wemoe.methods.adaptive import HELP, data_plan, load_adaptation_data
 from wemoe.methods.registry import MergeMethod, param, register
-from wemoe.model.moe import COEF_GUARDS
+from wemoe.model.moe import COEF_GUARDS, DEFAULT_COEF_GUARD
 from wemoe.model.routers import ROUTER_KINDS, TRAINING_FREE, RouterSpec
 from wemoe.objectives import OBJECTIVES, make_objective
 from wemoe.runtime import dtype_name
@@ -78,7 +78,7 @@ class WEMoE(MergeMethod):
         gate_rank: int = param(16, "subspace routers: right singular vectors per task vector", low=1)
         router_images: int = param(256, "prototype routers: images per task their prototypes are the mean of", low=1)
         coef_range: str = param("0,1", "keep routing coefficients in LO,HI, or none (guards against entropy collapse)", check=parse_coef_range)
-        coef_guard: str = param("clamp", "how --coef-range is kept: clamp, or straight-through (gradient passes)", choices=COEF_GUARDS)
+        coef_guard: str = param(DEFAULT_COEF_GUARD, "how --coef-range is kept: straight-through (gradient passes), or clamp", choices=COEF_GUARDS)
         objective: str = param("entropy", "what router adaptation minimises: entropy (the paper's), task, entropy+task", choices=OBJECTIVES)
         task_weight: float = param(1.0, "weight of the task term in entropy+task", low=0.0)
         steps: int = param(1000, HELP["steps"], low=0)

@@ -25,7 +25,10 @@ GROUPS = ("attn", "mlp")  # the order of a block's routing entries
 # value); they differ in the gradient past a bound: "clamp" passes none (a router pushed past a bound for
 # every sample stops learning), "straight-through" passes the gradient of the unclamped value, so the
 # router keeps learning and can come back.
+# "straight-through" is the default: equal to "clamp" on the zoo's paper row (benchmarks/results/accuracy.md)
+# and it cannot get stuck. Files written before the guard was recorded were trained with "clamp".
 COEF_GUARDS = ("clamp", "straight-through")
+DEFAULT_COEF_GUARD = "straight-through"
 GROUP_LINEARS = {"attn": ("qkv", "proj"), "mlp": ("fc1", "fc2")}
 
 
@@ -38,7 +41,7 @@ class MoEBlock(Block):
         rank: int | None,
         routers: dict[str, nn.Module],
         coef_range: tuple[float, float] | None = None,
-        coef_guard: str = "clamp",
+        coef_guard: str = DEFAULT_COEF_GUARD,
         device: torch.device | str | None = None,
     ):
         unknown = set(groups) - set(GROUPS)
@@ -75,4 +78,4 @@ class MoEBlock(Block):
         return {name: getattr(layer, name) for name in GROUP_LINEARS[group]}
 
 
-__all__ = ["GROUPS", "GROUP_LINEARS", "MoEBlock"]
+__all__ = ["COEF_GUARDS", "DEFAULT_COEF_GUARD", "GROUPS", "GROUP_LINEARS", "MoEBlock"]

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from wemoe.arch import ViTArch
 from wemoe.errors import WemoeError
-from wemoe.model.moe import GROUPS, MoEBlock
+from wemoe.model.moe import DEFAULT_COEF_GUARD, GROUPS, MoEBlock
 from wemoe.model.routers import LEARNED_LAYERS, RouterSpec
 from wemoe.model.vit import Block, RoutingTrace, VisionTransformer
 
@@ -68,7 +68,7 @@ class MoESpec:
     router: RouterSpec = RouterSpec()
     init_lambda: float = 0.3  # task-arithmetic scale of the non-routed weights; learned routers' initial output
     coef_range: tuple[float, float] | None = None
-    coef_guard: str = "clamp"  # how coef_range is enforced: see wemoe.model.moe.COEF_GUARDS
+    coef_guard: str = DEFAULT_COEF_GUARD  # how coef_range is enforced: see wemoe.model.moe.COEF_GUARDS
 
     def routes(self) -> list[tuple[int, str]]:
         """(block, group) of every routing entry, in the order ``model.routing`` returns them."""
@@ -105,7 +105,7 @@ class MoESpec:
             router=router,
             init_lambda=float(moe["lambda"]),
             coef_range=coef_range,
-            coef_guard=moe.get("coef_guard", "clamp"),
+            coef_guard=moe.get("coef_guard", "clamp"),  # unrecorded: written when clamp was the only guard
         )
 
 
