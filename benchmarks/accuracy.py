@@ -276,6 +276,11 @@ def run(quick: bool, results_dir: Path, cache: Path | None, extended: bool) -> d
     return report
 
 
+def smoke_steps(flags: list) -> list:
+    """--quick is a smoke test: at most 20 adaptation steps."""
+    return [min(f, 20) if i and flags[i - 1] == "--steps" else f for i, f in enumerate(flags)]
+
+
 def main_rows(zoo: Zoo, work: Path, cache: Path, quick: bool, results_dir: Path, log) -> dict[str, dict]:
     val_limit = 100 if quick else 300
     methods: dict[str, dict] = {}
@@ -296,12 +301,12 @@ def main_rows(zoo: Zoo, work: Path, cache: Path, quick: bool, results_dir: Path,
     methods["ties"] = static_row(["--method", "ties", "--lambda", tbest], **{"lambda": tbest, "ties_k": 20, "validation": tscores})
     log("[4/5] AdaMerging (coefficients adapted on the unlabeled test images)")
     for key, (text, flags) in ADAMERGING.items():
-        methods[key] = static_row(flags, label=text)
+        methods[key] = static_row(smoke_steps(flags) if quick else flags, label=text)
     log("[5/5] WEMoE")
     for key, (text, flags) in MAIN_WEMOE.items():
         flags = [*flags, "--lambda", best]
-        if quick:  # a smoke test: few steps
-            flags = [min(f, 20) if i and flags[i - 1] == "--steps" else f for i, f in enumerate(flags)]
+        if quick:
+            flags = smoke_steps(flags)
         keep = cache / key  # kept: `wemoe.load("benchmarks/cache/zoo/wemoe")` works after the run
         methods[key] = wemoe_row(zoo, work, key, text, flags, keep=keep, ceiling=True)
         methods[f"{key}-own-expert"] = {**methods[key].pop("own_expert"), "diagnostic": True, "args": methods[key]["args"]}
@@ -409,7 +414,7 @@ def markdown(report: dict) -> str:
             + (f", plus {f['replay_batch']} pretraining-distribution replay images per step at alpha {f['replay_alpha']:g}" if f.get("replay_alpha") else "")
             + ". Every attempt and its numbers: `benchmarks/zoo/ATTEMPTS.md`."
         )
-    times = [f"- Run time: {report['seconds']} s (`python -m benchmarks.accuracy`)."]
+    times = [f"- Run time: {report['seconds']} s (`python -m benchmarks.accuracy{' --quick' if report['quick'] else ''}`)."]
     if report.get("extended_seconds"):
         times.append(
             f"- Rows marked `--extended`: `python -m benchmarks.accuracy --extended` ({report['extended_seconds']} s; the main job's 20-minute budget has no room for them)."
