@@ -32,8 +32,23 @@ def setup(tmp_path_factory):
 def merge(capsys, setup, out, *extra, data=True):
     tmp, base, tasks, heads, dat, _, _ = setup
     args = ["--data", *[f"{k}={v}" for k, v in dat.items()]] if data else []
-    return run_cli(capsys, "merge", "--base", base, "--tasks", *tasks, "--method", "wemoe", "--out", tmp / out, "-q",
-                   "--heads", *[f"{k}={v}" for k, v in heads.items()], *args, *extra)
+    return run_cli(
+        capsys,
+        "merge",
+        "--base",
+        base,
+        "--tasks",
+        *tasks,
+        "--method",
+        "wemoe",
+        "--out",
+        tmp / out,
+        "-q",
+        "--heads",
+        *[f"{k}={v}" for k, v in heads.items()],
+        *args,
+        *extra,
+    )
 
 
 def preprocess(x: np.ndarray) -> torch.Tensor:
@@ -51,8 +66,23 @@ def own_routed_state(base_state, states, t, lam, routed):
 
 def test_prototype_router_equals_a_direct_computation(setup, capsys):
     tmp, _, _, _, data, base_state, states = setup
-    code, _, err = merge(capsys, setup, "proto", "--router", "prototype", "--experts", "mlp,attn", "--steps", "0", "--router-images", "12",
-                         "--router-temperature", "0.1", "--seed", "4")
+    code, _, err = merge(
+        capsys,
+        setup,
+        "proto",
+        "--router",
+        "prototype",
+        "--experts",
+        "mlp,attn",
+        "--steps",
+        "0",
+        "--router-images",
+        "12",
+        "--router-temperature",
+        "0.1",
+        "--seed",
+        "4",
+    )
     assert code == 0, err
     model = wemoe.load(tmp / "proto")
     vit = VisionTransformer(model.arch, head_bias="head.bias" in base_state)
@@ -114,9 +144,31 @@ def test_objectives_never_read_labels(setup, capsys, objective):
     outs = []
     for tag, dat in (("orig", data), ("shuf", shuffled)):
         out = tmp / f"labels-{objective}-{tag}"
-        code, _, err = run_cli(capsys, "merge", "--base", base, "--tasks", *tasks, "--method", "wemoe", "--out", out, "-q",
-                               "--heads", *[f"{k}={v}" for k, v in heads.items()], "--data", *[f"{k}={v}" for k, v in dat.items()],
-                               "--objective", objective, "--steps", "3", "--lr", "1e-2", "--batch-size", "5")
+        code, _, err = run_cli(
+            capsys,
+            "merge",
+            "--base",
+            base,
+            "--tasks",
+            *tasks,
+            "--method",
+            "wemoe",
+            "--out",
+            out,
+            "-q",
+            "--heads",
+            *[f"{k}={v}" for k, v in heads.items()],
+            "--data",
+            *[f"{k}={v}" for k, v in dat.items()],
+            "--objective",
+            objective,
+            "--steps",
+            "3",
+            "--lr",
+            "1e-2",
+            "--batch-size",
+            "5",
+        )
         assert code == 0, err
         outs.append(load_tensors(out / "model.safetensors")[0])
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
@@ -133,10 +185,37 @@ def test_task_objective_pulls_routing_to_the_own_expert(setup, capsys):
         x[..., t] += 120  # task t: channel t brighter
         np.savez(tmp / f"tinted{t}.npz", x_train=x[:30], x_test=x[30:])
         tinted[f"t{t}"] = tmp / f"tinted{t}.npz"
-    code, _, err = run_cli(capsys, "merge", "--base", base, "--tasks", *tasks, "--method", "wemoe", "--out", tmp / "task-obj", "-q",
-                           "--heads", *[f"{k}={v}" for k, v in heads.items()], "--data", *[f"{k}={v}" for k, v in tinted.items()],
-                           "--split", "train", "--objective", "task", "--router", "linear", "--steps", "30", "--lr", "5e-2",
-                           "--batch-size", "8", "--coef-range", "none")
+    code, _, err = run_cli(
+        capsys,
+        "merge",
+        "--base",
+        base,
+        "--tasks",
+        *tasks,
+        "--method",
+        "wemoe",
+        "--out",
+        tmp / "task-obj",
+        "-q",
+        "--heads",
+        *[f"{k}={v}" for k, v in heads.items()],
+        "--data",
+        *[f"{k}={v}" for k, v in tinted.items()],
+        "--split",
+        "train",
+        "--objective",
+        "task",
+        "--router",
+        "linear",
+        "--steps",
+        "30",
+        "--lr",
+        "5e-2",
+        "--batch-size",
+        "8",
+        "--coef-range",
+        "none",
+    )
     assert code == 0, err
     model = wemoe.load(tmp / "task-obj")
     for t in range(T):  # held-out images of each task
@@ -151,8 +230,25 @@ def test_constant_router_is_layer_wise_adamerging_over_the_routed_groups(setup, 
     """A reference: one coefficient per (block, group, task), merged weights through functional_call, same batches."""
     tmp, _, _, heads, data, base_state, states = setup
     steps, lr, batch, seed = 4, 2e-2, 6, 3
-    code, _, err = merge(capsys, setup, "constant", "--router", "constant", "--experts", "mlp,attn", "--steps", str(steps), "--lr", str(lr),
-                         "--batch-size", str(batch), "--seed", str(seed), "--coef-range", "none")
+    code, _, err = merge(
+        capsys,
+        setup,
+        "constant",
+        "--router",
+        "constant",
+        "--experts",
+        "mlp,attn",
+        "--steps",
+        str(steps),
+        "--lr",
+        str(lr),
+        "--batch-size",
+        str(batch),
+        "--seed",
+        str(seed),
+        "--coef-range",
+        "none",
+    )
     assert code == 0, err
     model = wemoe.load(tmp / "constant")
     depth = model.arch.depth
