@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.speed import machine_description
 from wemoe.cli import main as wemoe_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,6 +207,14 @@ EXTENDED_WEMOE = {
         ["--method", "wemoe", *LOW_RANK_16, "--router", "subspace", "--router-top-k", 1, "--steps", 0, *ADAPT],
     ),
 }
+# extended rows that also get their own-expert ceiling (the dense one splits the recommended row's ceiling gap)
+EXTENDED_CEILINGS = ("wemoe-task-dense",)
+
+
+def is_extended(key: str) -> bool:
+    return key.removesuffix("-own-expert") in EXTENDED_WEMOE
+
+
 ADAMERGING = {
     "adamerging-task": ("AdaMerging, task-wise", ["--method", "adamerging", "--granularity", "task", "--steps", ADA_STEPS, "--lr", 1e-2, *ADAPT]),
     "adamerging-layer": ("AdaMerging, layer-wise", ["--method", "adamerging", "--granularity", "layer", "--steps", ADA_STEPS, "--lr", 1e-2, *ADAPT]),
@@ -253,15 +262,18 @@ def run(quick: bool, results_dir: Path, cache: Path | None, extended: bool) -> d
     work = Path(tempfile.mkdtemp(prefix="wemoe-acc-"))
     try:
         if extended:  # the second command: WEMoE variants; the main job's rows are kept from the last main run
-            methods = {k: v for k, v in previous.get("methods", {}).items() if k not in EXTENDED_WEMOE}
+            methods = {k: v for k, v in previous.get("methods", {}).items() if not is_extended(k)}
+            command = "python -m benchmarks.accuracy --extended"
             for i, (key, (text, flags)) in enumerate(EXTENDED_WEMOE.items()):
                 log(f"[{i + 1}/{len(EXTENDED_WEMOE)}] {text}")
-                methods[key] = wemoe_row(zoo, work, key, text, flags)
-                methods[key]["command"] = "python -m benchmarks.accuracy --extended"
+                methods[key] = wemoe_row(zoo, work, key, text, flags, ceiling=key in EXTENDED_CEILINGS)
+                methods[key]["command"] = command
+                if "own_expert" in methods[key]:
+                    methods[f"{key}-own-expert"] = {**methods[key].pop("own_expert"), "diagnostic": True, "args": methods[key]["args"], "command": command}
                 log(f"  -> {100 * methods[key]['average']:.1f}")
         else:
             methods = main_rows(zoo, work, cache, quick, results_dir, log)
-            methods.update({k: v for k, v in previous.get("methods", {}).items() if k in EXTENDED_WEMOE and not quick})
+            methods.update({k: v for k, v in previous.get("methods", {}).items() if is_extended(k) and not quick})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report = {
@@ -271,7 +283,10 @@ def run(quick: bool, results_dir: Path, cache: Path | None, extended: bool) -> d
         "seconds": previous.get("seconds") if extended else round(time.perf_counter() - started, 1),
         "extended_seconds": round(time.perf_counter() - started, 1) if extended else previous.get("extended_seconds"),
         "zoo": json.loads((cache / "results.json").read_text()).get("recipe") if (cache / "results.json").exists() else None,
+        "machine": machine_description(),
     }
+    if extended and previous.get("machine", report["machine"]) != report["machine"]:
+        report["machine"] = f"main rows: {previous.get('machine', 'not recorded')}; --extended rows: {report['machine']}"
     write_results(report, results_dir, stem)
     return report
 
@@ -339,7 +354,7 @@ ORDER = [
     "adamerging-layer",
     "wemoe",
     "wemoe-own-expert",
-    *EXTENDED_WEMOE,
+    *[k for key in EXTENDED_WEMOE for k in (key, f"{key}-own-expert")],
     "wemoe-best",
     "wemoe-best-own-expert",
 ]
@@ -399,6 +414,19 @@ def markdown(report: dict) -> str:
             f"non-routed weights by task arithmetic and truncating the task vectors costs), and its routers lose {100 * (c - b):.1f} points "
             f"to imperfect routing ({100 * methods['wemoe-best']['routing_accuracy']['average']:.1f}% of test images routed mainly to their own expert)."
         )
+        if "wemoe-task-dense-own-expert" in methods:
+            dense = methods["wemoe-task-dense-own-expert"]["average"]
+            notes.append(
+                f"- The ceiling's gap, split: the same groups with dense task vectors (`--extended` ceiling row) reach {100 * dense:.1f}, "
+                f"so truncation to the configured rank costs {100 * (dense - c):.1f} points and the weights no router reaches "
+                f"(embeddings, norms, the final projection, merged by task arithmetic) {100 * (ind - dense):.1f}."
+            )
+        if "wemoe-task-dense" in methods:
+            d = methods["wemoe-task-dense"]
+            notes.append(
+                f"- With dense experts instead (`--extended` row): {100 * d['average']:.1f}, {100 * d['routing_accuracy']['average']:.1f}% routed mainly "
+                f"to the own expert, merge {d['seconds']} s against {methods['wemoe-best']['seconds']} s."
+            )
     notes.append(
         "- Every merged row records its exact `wemoe merge` arguments in accuracy.json (key `args`); ceiling rows read the task at "
         'evaluation and carry `"diagnostic": true`. Routing acc.: share of test images (200 per task) whose mean coefficient '
@@ -414,7 +442,9 @@ def markdown(report: dict) -> str:
             + (f", plus {f['replay_batch']} pretraining-distribution replay images per step at alpha {f['replay_alpha']:g}" if f.get("replay_alpha") else "")
             + ". Every attempt and its numbers: `benchmarks/zoo/ATTEMPTS.md`."
         )
-    times = [f"- Run time: {report['seconds']} s (`python -m benchmarks.accuracy{' --quick' if report['quick'] else ''}`)."]
+    times = [f"- Machine: {report.get('machine', 'not recorded')}."] + [
+        f"- Run time: {report['seconds']} s (`python -m benchmarks.accuracy{' --quick' if report['quick'] else ''}`)."
+    ]
     if report.get("extended_seconds"):
         times.append(
             f"- Rows marked `--extended`: `python -m benchmarks.accuracy --extended` ({report['extended_seconds']} s; the main job's 20-minute budget has no room for them)."

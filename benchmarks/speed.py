@@ -327,6 +327,13 @@ def machine_description() -> str:
     return f"{model}, {isa}, {os.cpu_count()} cores"
 
 
+def machine_tag(description: str) -> str:
+    """A file-name tag for a machine description: its CPU family and ISA (``xeon-avx512``, ``epyc-avx2``)."""
+    model, isa = description.split(",")[0].lower(), description.split(",")[1].strip().lower().replace("-", "")
+    family = next((f for f in ("xeon", "epyc", "core", "ryzen") if f in model), "cpu")
+    return f"{family}-{isa.replace(' ', '')}"
+
+
 def shortfall_notes(r: dict) -> list[str]:
     """Why a goal is missed, stated next to the number instead of loosening the goal."""
     notes = []
@@ -497,6 +504,7 @@ def main(argv: list[str] | None = None) -> None:
     stem = "speed" if (args.arch, args.experts) == ("ViT-B-32-quickgelu", 8) else f"speed_{args.arch}_{args.experts}"
     if (args.routed, args.expert_rank) != ("mlp", "full"):
         stem += f"_{args.routed.replace(',', '+')}_r{args.expert_rank}"
+    stem += f"_{machine_tag(result['machine'])}"  # the same goal is judged on every CPU it was measured on
     md = report_md(result)
     (args.results / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.results / f"{stem}.md").write_text(md)

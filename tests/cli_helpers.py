@@ -16,6 +16,23 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def merge_cli(capsys, base, tasks, method: str, out, *extra, heads=None, data=None) -> tuple[int, str, str]:
+    """``wemoe merge`` in-process, quiet. ``tasks``/``heads``/``data``: a list of paths (tasks named t0, t1, ...),
+    a dict name -> path, or already formatted NAME=PATH strings."""
+
+    def named(values) -> list[str]:
+        if isinstance(values, dict):
+            return [f"{k}={v}" for k, v in values.items()]
+        return [v if isinstance(v, str) and "=" in v else f"t{i}={v}" for i, v in enumerate(values)]
+
+    flags = ["--base", base, "--tasks", *named(tasks), "--method", method, "--out", out, "-q"]
+    if heads:
+        flags += ["--heads", *named(heads)]
+    if data:
+        flags += ["--data", *named(data)]
+    return run_cli(capsys, "merge", *flags, *extra)
+
+
 def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
     assert code != 0, err
     # what a terminal shows: progress bars redraw with \r and are cleared on exit
@@ -27,4 +44,4 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
         assert f in lines[0], f"{f!r} not in {lines[0]!r}"
 
 
-__all__ = ["run_cli", "assert_one_line_error", "pytest"]
+__all__ = ["run_cli", "merge_cli", "assert_one_line_error", "pytest"]

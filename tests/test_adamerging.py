@@ -11,7 +11,7 @@ from torch.func import functional_call
 
 from wemoe.io.safetensors_io import load_tensors, save_tensors
 
-from cli_helpers import assert_one_line_error, run_cli
+from cli_helpers import assert_one_line_error, merge_cli, run_cli
 from factories import timm_vit, zoo
 
 T, CLASSES, SEED = 3, 4, 5
@@ -41,25 +41,17 @@ def setup(tmp_path_factory):
 
 def merge(capsys, setup, name, *extra):
     tmp, base, tasks, _, _, heads, data = setup
-    return run_cli(
+    return merge_cli(
         capsys,
-        "merge",
-        "--base",
         base,
-        "--tasks",
-        *[f"t{i}={p}" for i, p in enumerate(tasks)],
-        "--method",
+        tasks,
         "adamerging",
-        "--heads",
-        *[f"{k}={v}" for k, v in heads.items()],
-        "--data",
-        *[f"{k}={v}" for k, v in data.items()],
-        "--out",
         tmp / name,
         "--seed",
         str(SEED),
-        "-q",
         *extra,
+        heads=heads,
+        data=data,
     )
 
 
@@ -140,21 +132,7 @@ def test_adamerging_refusals(setup, capsys):
     tmp, base, tasks, _, _, heads, data = setup
     code, _, err = merge(capsys, setup, "bad1", "--granularity", "block")
     assert_one_line_error(code, err, "--granularity must be one of task, layer")
-    code, _, err = run_cli(
-        capsys,
-        "merge",
-        "--base",
-        base,
-        "--tasks",
-        *[f"t{i}={p}" for i, p in enumerate(tasks)],
-        "--method",
-        "adamerging",
-        "--data",
-        f"t0={data['t0']}",
-        "--out",
-        tmp / "bad2",
-        "-q",
-    )
+    code, _, err = merge_cli(capsys, base, tasks, "adamerging", tmp / "bad2", data={"t0": data["t0"]})
     assert_one_line_error(code, err, "--data for task 't0' needs its head")
     code, _, err = run_cli(
         capsys, "merge", "--base", base, "--tasks", *map(str, tasks), "--method", "task-arithmetic", "--granularity", "task", "--out", tmp / "bad3", "-q"

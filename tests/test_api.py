@@ -5,7 +5,7 @@ import yaml
 
 import wemoe
 
-from cli_helpers import run_cli
+from cli_helpers import merge_cli
 from factories import zoo
 from test_adamerging import heads_and_data
 
@@ -46,25 +46,7 @@ def test_api_and_cli_write_identical_outputs(setup, capsys, method, params):
     flags = []
     for key, value in params.items():
         flags += ["--" + ("lambda" if key == "lam" else key.replace("_", "-")), str(value)]
-    code, _, err = run_cli(
-        capsys,
-        "merge",
-        "--base",
-        base,
-        "--tasks",
-        *[f"{n}={p}" for n, p in names.items()],
-        "--method",
-        method,
-        "--out",
-        tmp / f"{method}-cli",
-        "--heads",
-        *[f"{n}={p}" for n, p in heads.items()],
-        *(["--data", *[f"{n}={p}" for n, p in data.items()]] if adapts else []),
-        "--seed",
-        "3",
-        "-q",
-        *flags,
-    )
+    code, _, err = merge_cli(capsys, base, names, method, tmp / f"{method}-cli", "--seed", "3", *flags, heads=heads, data=data if adapts else None)
     assert code == 0, err
     same_files(api_out, tmp / f"{method}-cli")
 

@@ -9,7 +9,7 @@ import yaml
 
 from wemoe.io.safetensors_io import load_tensors
 
-from cli_helpers import assert_one_line_error, run_cli
+from cli_helpers import assert_one_line_error, merge_cli, run_cli
 from factories import zoo
 
 
@@ -42,21 +42,7 @@ def test_toy_method_in_cli_help_and_choices(toy, capsys):
 def test_toy_method_merges_and_records_parameters(toy, ckpts, capsys):
     tmp, base, tasks, base_state, states = ckpts
     out = tmp / "toy-cli"
-    code, _, err = run_cli(
-        capsys,
-        "merge",
-        "--base",
-        base,
-        "--tasks",
-        *[f"t{i}={p}" for i, p in enumerate(tasks)],
-        "--method",
-        "scaled-mean",
-        "--alpha",
-        "0.75",
-        "--out",
-        out,
-        "-q",
-    )
+    code, _, err = merge_cli(capsys, base, tasks, "scaled-mean", out, "--alpha", "0.75")
     assert code == 0, err
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["method"] == "scaled-mean" and cfg["parameters"] == {"alpha": 0.75, "ties_k": 10.0}

@@ -15,7 +15,7 @@ from wemoe.checkpoint import open_checkpoint
 from wemoe.model.moe_reference import reference_forward
 from wemoe.model.vit import build_vit
 
-from cli_helpers import assert_one_line_error, run_cli
+from cli_helpers import assert_one_line_error, merge_cli, run_cli
 from factories import zoo
 from test_adamerging import heads_and_data
 
@@ -33,22 +33,7 @@ def setup(tmp_path_factory):
 
 def merge(capsys, setup, out, *extra):
     tmp, base, tasks, heads, data, _, _ = setup
-    return run_cli(
-        capsys,
-        "merge",
-        "--base",
-        base,
-        "--tasks",
-        *tasks,
-        "--method",
-        "wemoe",
-        "--out",
-        tmp / out,
-        "-q",
-        "--heads",
-        *[f"{k}={v}" for k, v in heads.items()],
-        *extra,
-    )
+    return merge_cli(capsys, base, tasks, "wemoe", tmp / out, *extra, heads=heads)
 
 
 def adapted(capsys, setup, experts, rank):

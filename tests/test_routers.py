@@ -14,7 +14,7 @@ import wemoe
 from wemoe.io.safetensors_io import load_tensors
 from wemoe.model.vit import VisionTransformer
 
-from cli_helpers import assert_one_line_error, run_cli
+from cli_helpers import assert_one_line_error, merge_cli, run_cli
 from factories import zoo
 from test_adamerging import CLIP_MEAN, CLIP_STD, heads_and_data
 
@@ -31,24 +31,7 @@ def setup(tmp_path_factory):
 
 def merge(capsys, setup, out, *extra, data=True):
     tmp, base, tasks, heads, dat, _, _ = setup
-    args = ["--data", *[f"{k}={v}" for k, v in dat.items()]] if data else []
-    return run_cli(
-        capsys,
-        "merge",
-        "--base",
-        base,
-        "--tasks",
-        *tasks,
-        "--method",
-        "wemoe",
-        "--out",
-        tmp / out,
-        "-q",
-        "--heads",
-        *[f"{k}={v}" for k, v in heads.items()],
-        *args,
-        *extra,
-    )
+    return merge_cli(capsys, base, tasks, "wemoe", tmp / out, *extra, heads=heads, data=dat if data else None)
 
 
 def preprocess(x: np.ndarray) -> torch.Tensor:

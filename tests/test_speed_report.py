@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("torch")
 from benchmarks.speed import machine_description, report_md, shortfall_notes
 
-RESULT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "speed.json"
+RESULT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "speed_xeon-avx512.json"
 
 
 def _result(naive_vs_plain: float, wemoe_vs_plain: float) -> dict:
@@ -45,3 +45,13 @@ def test_report_names_the_machine() -> None:
     assert r["machine"].endswith("cores")
     del r["machine"]
     assert "Machine: not recorded" in report_md(r)
+
+
+@pytest.mark.parametrize(
+    "description,tag",
+    [("Intel(R) Xeon(R) Processor, AVX-512, 2 cores", "xeon-avx512"), ("AMD EPYC, AVX2, 2 cores", "epyc-avx2"), ("Some CPU, no AVX2, 4 cores", "cpu-noavx2")],
+)
+def test_result_files_are_named_by_machine(description: str, tag: str) -> None:
+    from benchmarks.speed import machine_tag
+
+    assert machine_tag(description) == tag
