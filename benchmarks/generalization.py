@@ -175,13 +175,17 @@ def main(argv: list[str] | None = None) -> None:
         for held in SPLITS:
             print(f"held out: {', '.join(held)}", flush=True)
             splits.append(run_split(zoo, held, work, lambda m: print(m, flush=True)))
+            report = {"splits": splits, "seconds": round(time.perf_counter() - started, 1)}
+            write(report, args.results)  # after every split: a long run stopped early keeps what it measured
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report = {"splits": splits, "seconds": round(time.perf_counter() - started, 1)}
-    (args.results / "generalization.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.results / "generalization.md").write_text(markdown(report))
-    plot(report, args.results / "generalization.png")
     print(markdown(report))
+
+
+def write(report: dict, results: Path) -> None:
+    (results / "generalization.json").write_text(json.dumps(report, indent=2) + "\n")
+    (results / "generalization.md").write_text(markdown(report))
+    plot(report, results / "generalization.png")
 
 
 if __name__ == "__main__":
