@@ -86,7 +86,7 @@ def test_adaptation_raises_accuracy_with_either_guard(small_zoo, capsys, guard):
     straight-through default (chosen on the zoo, accuracy.md) raised the entropy on this pair at this
     learning rate (mean of the first / last 10 steps 0.48 / 0.60), which this test records instead of hiding."""
     z = small_zoo
-    _, untrained = _merge_and_eval(capsys, z, "untrained")
+    _, untrained = _merge_and_eval(capsys, z, f"untrained-{guard}")  # no adaptation: the guard does nothing
     data = ["--data", *[f"{t}={z / t}.npz" for t in TASKS]]
     cfg, adapted = _merge_and_eval(capsys, z, f"adapted-{guard}", *data, "--steps", "100", "--lr", "5e-3", "--batch-size", "32", "--coef-guard", guard)
     ad = cfg["wemoe"]["adaptation"]
