@@ -127,22 +127,12 @@ def test_objectives_never_read_labels(setup, capsys, objective):
     outs = []
     for tag, dat in (("orig", data), ("shuf", shuffled)):
         out = tmp / f"labels-{objective}-{tag}"
-        code, _, err = run_cli(
+        code, _, err = merge_cli(
             capsys,
-            "merge",
-            "--base",
             base,
-            "--tasks",
-            *tasks,
-            "--method",
+            tasks,
             "wemoe",
-            "--out",
             out,
-            "-q",
-            "--heads",
-            *[f"{k}={v}" for k, v in heads.items()],
-            "--data",
-            *[f"{k}={v}" for k, v in dat.items()],
             "--objective",
             objective,
             "--steps",
@@ -151,6 +141,8 @@ def test_objectives_never_read_labels(setup, capsys, objective):
             "1e-2",
             "--batch-size",
             "5",
+            heads=heads,
+            data=dat,
         )
         assert code == 0, err
         outs.append(load_tensors(out / "model.safetensors")[0])
@@ -168,22 +160,12 @@ def test_task_objective_pulls_routing_to_the_own_expert(setup, capsys):
         x[..., t] += 120  # task t: channel t brighter
         np.savez(tmp / f"tinted{t}.npz", x_train=x[:30], x_test=x[30:])
         tinted[f"t{t}"] = tmp / f"tinted{t}.npz"
-    code, _, err = run_cli(
+    code, _, err = merge_cli(
         capsys,
-        "merge",
-        "--base",
         base,
-        "--tasks",
-        *tasks,
-        "--method",
+        tasks,
         "wemoe",
-        "--out",
         tmp / "task-obj",
-        "-q",
-        "--heads",
-        *[f"{k}={v}" for k, v in heads.items()],
-        "--data",
-        *[f"{k}={v}" for k, v in tinted.items()],
         "--split",
         "train",
         "--objective",
@@ -198,6 +180,8 @@ def test_task_objective_pulls_routing_to_the_own_expert(setup, capsys):
         "8",
         "--coef-range",
         "none",
+        heads=heads,
+        data=tinted,
     )
     assert code == 0, err
     model = wemoe.load(tmp / "task-obj")
