@@ -78,7 +78,7 @@ class WEMoE(MergeMethod):
         gate_rank: int = param(16, "subspace routers: right singular vectors per task vector", low=1)
         router_images: int = param(256, "prototype routers: images per task their prototypes are the mean of", low=1)
         coef_range: str = param("0,1", "keep routing coefficients in LO,HI, or none (guards against entropy collapse)", check=parse_coef_range)
-        coef_guard: str = param(DEFAULT_COEF_GUARD, "how --coef-range is kept: straight-through (gradient passes), or clamp", choices=COEF_GUARDS)
+        coef_guard: str = param(DEFAULT_COEF_GUARD, "how --coef-range is kept: clamp, or straight-through (gradient passes)", choices=COEF_GUARDS)
         objective: str = param("entropy", "what router adaptation minimises: entropy (the paper's), task, entropy+task", choices=OBJECTIVES)
         task_weight: float = param(1.0, "weight of the task term in entropy+task", low=0.0)
         steps: int = param(1000, HELP["steps"], low=0)
