@@ -35,3 +35,36 @@ def test_recipe_line_without_replay_and_without_recipe() -> None:
     plain["finetune"]["replay_alpha"] = 0.0
     assert "replay" not in markdown(report(plain))
     assert "Zoo recipe" not in markdown(report(None))
+
+
+def test_guard_line_reads_each_rows_guard_from_its_arguments() -> None:
+    from benchmarks.accuracy import BEST, EXTENDED_WEMOE, PAPER
+
+    r = report(None)
+    for key, (text, flags), average in (
+        ("wemoe", PAPER, 0.70),
+        ("wemoe-straight-through", EXTENDED_WEMOE["wemoe-straight-through"], 0.71),
+        ("wemoe-best", BEST, 0.80),
+        ("wemoe-best-clamp", EXTENDED_WEMOE["wemoe-best-clamp"], 0.60),
+    ):
+        r["methods"][key] = {"per_task": {"a": average, "b": average}, "average": average, "label": text, "args": [str(f) for f in flags]}
+        r["methods"][key].update(steps=100, seconds=1.0, initial_loss=1.0, final_loss=0.5, objective="task", warnings=[])
+    line = next(x for x in markdown(r).splitlines() if x.startswith("- Coefficient guard"))
+    assert "wemoe 70.0 (clamp) vs 71.0 (straight-through)" in line
+    assert "wemoe-best 80.0 (straight-through) vs 60.0 (clamp)" in line
+
+
+def test_recommended_config_file_is_the_recommended_row() -> None:
+    """configs/zoo_wemoe.yaml is documented as the recommended row: every flag of that row has its YAML key."""
+    import yaml
+
+    from benchmarks.accuracy import BEST, REPO
+
+    cfg = yaml.safe_load((REPO / "configs" / "zoo_wemoe.yaml").read_text())
+    flags = [str(f) for f in BEST[1]]
+    pairs = dict(zip(flags[0::2], flags[1::2]))
+    assert all(k.startswith("--") for k in pairs)
+    for flag, value in pairs.items():
+        key = flag[2:].replace("-", "_")
+        assert key in cfg, key
+        assert str(cfg[key]) == value or float(cfg[key]) == float(value), (key, cfg[key], value)
