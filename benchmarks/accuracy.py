@@ -168,10 +168,18 @@ LOW_RANK_16 = ["--experts", "mlp,attn", "--expert-rank", 16]
 # coefficient bounds); the paper row keeps the default hard clamp. The clamp's effect on the recommended row is the
 # extended row wemoe-best-clamp, the guard's effect on the paper row is wemoe-straight-through.
 STRAIGHT_THROUGH = ["--coef-guard", "straight-through"]
+
+
+def on_train(objective: str) -> list:
+    """The recommended adaptation without its guard: 100 steps at 1e-2 on the train split's unlabeled images."""
+    return ["--objective", objective, "--steps", 100, "--lr", 1e-2, "--split", "train"]
+
+
+TASK_ON_TRAIN = on_train("task")  # target: each task's own expert
 PAPER = ("WEMoE, the paper's: MLP experts, 2-layer routers, entropy, test-time adaptation", ["--method", "wemoe", "--steps", 100, "--lr", ADAPT_LR, *ADAPT])
 BEST = (
     "WEMoE, recommended: mlp+attn rank-16 experts, task objective, adapted on the train split",
-    ["--method", "wemoe", *LOW_RANK_16, "--objective", "task", "--steps", 100, "--lr", 1e-2, "--split", "train", *STRAIGHT_THROUGH, *ADAPT],
+    ["--method", "wemoe", *LOW_RANK_16, *TASK_ON_TRAIN, *STRAIGHT_THROUGH, *ADAPT],
 )
 MAIN_WEMOE = {"wemoe": PAPER, "wemoe-best": BEST}
 EXTENDED_WEMOE = {
@@ -181,39 +189,20 @@ EXTENDED_WEMOE = {
     ),
     "wemoe-best-clamp": (
         "recommended row with the default hard clamp coefficient guard (no gradient past a bound)",
-        ["--method", "wemoe", *LOW_RANK_16, "--objective", "task", "--steps", 100, "--lr", 1e-2, "--split", "train", *ADAPT],
+        ["--method", "wemoe", *LOW_RANK_16, *TASK_ON_TRAIN, *ADAPT],
     ),
-    "wemoe-task-mlp": (
-        "task objective, MLP experts (dense), train split",
-        ["--method", "wemoe", "--objective", "task", "--steps", 100, "--lr", 1e-2, "--split", "train", *STRAIGHT_THROUGH, *ADAPT],
-    ),
+    "wemoe-task-mlp": ("task objective, MLP experts (dense), train split", ["--method", "wemoe", *TASK_ON_TRAIN, *STRAIGHT_THROUGH, *ADAPT]),
     "wemoe-task-dense": (
         "task objective, mlp+attn dense experts, train split",
-        ["--method", "wemoe", "--experts", "mlp,attn", "--objective", "task", "--steps", 100, "--lr", 1e-2, "--split", "train", *STRAIGHT_THROUGH, *ADAPT],
+        ["--method", "wemoe", "--experts", "mlp,attn", *TASK_ON_TRAIN, *STRAIGHT_THROUGH, *ADAPT],
     ),
     "wemoe-entropy+task": (
         "entropy+task objective, mlp+attn rank 16, train split",
-        ["--method", "wemoe", *LOW_RANK_16, "--objective", "entropy+task", "--steps", 100, "--lr", 1e-2, "--split", "train", *STRAIGHT_THROUGH, *ADAPT],
+        ["--method", "wemoe", *LOW_RANK_16, *on_train("entropy+task"), *STRAIGHT_THROUGH, *ADAPT],
     ),
     "wemoe-task-linear": (
         "task objective, linear routers, mlp+attn rank 16, train split",
-        [
-            "--method",
-            "wemoe",
-            *LOW_RANK_16,
-            "--router",
-            "linear",
-            "--objective",
-            "task",
-            "--steps",
-            100,
-            "--lr",
-            1e-2,
-            "--split",
-            "train",
-            *STRAIGHT_THROUGH,
-            *ADAPT,
-        ],
+        ["--method", "wemoe", *LOW_RANK_16, "--router", "linear", *TASK_ON_TRAIN, *STRAIGHT_THROUGH, *ADAPT],
     ),
     "wemoe-prototype": (
         "prototype routers (training-free), mlp+attn rank 16, train split",
@@ -221,23 +210,7 @@ EXTENDED_WEMOE = {
     ),
     "wemoe-prototype-task": (
         "prototype routers + task objective, mlp+attn rank 16, train split",
-        [
-            "--method",
-            "wemoe",
-            *LOW_RANK_16,
-            "--router",
-            "prototype",
-            "--objective",
-            "task",
-            "--steps",
-            100,
-            "--lr",
-            1e-2,
-            "--split",
-            "train",
-            *STRAIGHT_THROUGH,
-            *ADAPT,
-        ],
+        ["--method", "wemoe", *LOW_RANK_16, "--router", "prototype", *TASK_ON_TRAIN, *STRAIGHT_THROUGH, *ADAPT],
     ),
     "wemoe-subspace": (
         "subspace routers (SMILE, training-free), mlp+attn rank 16",
