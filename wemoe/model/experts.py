@@ -128,10 +128,13 @@ class LowRankExperts(ExpertStore):
         c = coefs.to(dtype)
         B, N = x.shape[:2]
         T, R = self.num_experts, self.rank
-        h = F.linear(xc, self.down.reshape(T * R, self.in_features))  # (B, N, T*R)
-        h = (h.view(B, N, T, R) * c[:, None, :, None]).reshape(B, N, T * R)
-        y = F.linear(xc, weight, bias) + h @ self.up.reshape(T * R, self.out_features)
-        return y + (c @ self.bias).unsqueeze(1)
+        h = F.linear(xc, self.down.reshape(T * R, self.in_features)).view(B, N, T, R) * c[:, None, :, None]
+        # the expert biases ride along as T more columns (each token carries its sample's coefficients), so the
+        # whole correction is one addmm into the base output: no (B, N, out) temporaries, one pass over y
+        h = torch.cat([h.reshape(B * N, T * R), c.repeat_interleave(N, dim=0)], dim=1)  # (B*N, T*R + T)
+        up = torch.cat([self.up.reshape(T * R, self.out_features), self.bias], dim=0)  # (T*R + T, out)
+        y = F.linear(xc, weight, bias)
+        return y.view(B * N, self.out_features).addmm_(h, up).view(B, N, self.out_features)
 
     def task_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.bmm(self.up.transpose(1, 2), self.down), self.bias
