@@ -29,10 +29,13 @@ from test_adamerging import heads_and_data
 
 ROOT = Path(__file__).resolve().parents[1]
 T = 3  # with 2 ranks and 16 images per task: rank 0 takes t0 and half of t1's batch, rank 1 the rest
-# Measured (2 ranks against 1 process, same seed and data): routers differ by at most 6e-8 (100 steps
-# at lr 1e-3), AdaMerging's merged weights (magnitude ~1) by 1.2e-7 (12 steps at lr 2e-2): float32 sums
-# taken in another order. 1e-6 leaves room; a slice of a batch weighed wrongly moves them by ~2e-2.
-TOL = 1e-6
+# How far 2 ranks may land from 1 process (same seed and data): the largest relative Frobenius
+# difference over the trained tensors. Measured (12 steps, this suite's models) on an AVX-512 Xeon:
+# AdaMerging's merged weights 2.7e-8, a slice of a batch weighed 1 instead of n/B 5.4e-3. Routers
+# 7.3e-5 (one hidden unit of one router: a token's pre-activation within rounding of zero sits on the
+# other side of the ReLU, and Adam carries that step on), weighed wrongly 1.27 (every tensor >= 5e-2).
+ROUTER_RTOL = 1e-2
+MERGED_RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +133,8 @@ def _parsed(metadata: dict[str, str]) -> dict:
     return out
 
 
-def compare_outputs(one: Path, two: Path, trained: str) -> None:
-    """Same files; tensors equal but for the trained ones (within TOL); JSON equal but for float digits; heads byte-identical."""
+def compare_outputs(one: Path, two: Path, trained: str, rtol: float) -> None:
+    """Same files; tensors equal but for the trained ones (within ``rtol``, relative); JSON equal but for float digits; heads byte-identical."""
     assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
     a, meta_a = load_tensors(one / "model.safetensors")
     b, meta_b = load_tensors(two / "model.safetensors")
@@ -140,10 +143,10 @@ def compare_outputs(one: Path, two: Path, trained: str) -> None:
     for key in a:
         assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
         if trained in key:
-            worst = max(worst, (a[key] - b[key]).abs().max().item())
+            worst = max(worst, ((a[key].double() - b[key].double()).norm() / a[key].double().norm().clamp_min(1e-12)).item())
         else:
             assert torch.equal(a[key], b[key]), key
-    assert worst <= TOL, f"trained tensors differ by {worst:.2e}"
+    assert worst <= rtol, f"trained tensors differ by {worst:.2e} (relative)"
     assert_close_json(_parsed(meta_a), _parsed(meta_b), "metadata")
     assert_close_json(json.loads((one / "config.json").read_text()), json.loads((two / "config.json").read_text()), "config")
     ra, rb = (json.loads((d / "report.json").read_text()) for d in (one, two))
@@ -154,13 +157,13 @@ def compare_outputs(one: Path, two: Path, trained: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "trained", "extra"),
+    ("method", "trained", "extra", "rtol"),
     [
-        ("wemoe", ".routers.", ["--objective", "entropy+task", "--lr", "1e-3"]),  # a routing objective, pieces of a task's batch
-        ("adamerging", "", ["--granularity", "layer", "--lr", "2e-2"]),
+        ("wemoe", ".routers.", ["--objective", "entropy+task", "--lr", "1e-3"], ROUTER_RTOL),  # a routing objective, pieces of a task's batch
+        ("adamerging", "", ["--granularity", "layer", "--lr", "2e-2"], MERGED_RTOL),
     ],
 )
-def test_two_ranks_equal_one_process(setup, capsys, method, trained, extra):
+def test_two_ranks_equal_one_process(setup, capsys, method, trained, extra, rtol):
     tmp, _ = setup
     args = [*inputs(setup), "--method", method, "--steps", "12", *extra]
     proc, logs = start_torchrun(tmp, method, ["merge", *args, "--out", str(tmp / f"{method}-2")])
@@ -175,7 +178,7 @@ def test_two_ranks_equal_one_process(setup, capsys, method, trained, extra):
     else:
         cfg = json.loads((one / "config.json").read_text())["wemoe"]["adaptation"]
         assert abs(cfg["final_loss"] - cfg["initial_loss"]) > 1e-3, "routers did not train"
-    compare_outputs(one, tmp / f"{method}-2", trained)
+    compare_outputs(one, tmp / f"{method}-2", trained, rtol)
 
 
 def test_bad_input_stops_every_rank_with_one_line(setup):
