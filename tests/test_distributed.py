@@ -32,8 +32,8 @@ T = 3  # with 2 ranks and 16 images per task: rank 0 takes t0 and half of t1's b
 # How far 2 ranks may land from 1 process (same seed and data): the largest relative Frobenius
 # difference over the trained tensors. Measured (12 steps, this suite's models) on an AVX-512 Xeon:
 # AdaMerging's merged weights 2.7e-8, a slice of a batch weighed 1 instead of n/B 5.4e-3. Routers
-# 7.3e-5 (one hidden unit of one router: a token's pre-activation within rounding of zero sits on the
-# other side of the ReLU, and Adam carries that step on), weighed wrongly 1.27 (every tensor >= 5e-2).
+# 7.3e-5, all in one hidden unit of one router (a ReLU pre-activation within rounding of zero falls
+# on the other side in one run; Adam carries the step on), weighed wrongly 1.27 (every tensor >= 5e-2).
 ROUTER_RTOL = 1e-2
 MERGED_RTOL = 1e-5
 
