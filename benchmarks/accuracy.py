@@ -171,7 +171,7 @@ STRAIGHT_THROUGH = ["--coef-guard", "straight-through"]
 
 
 def on_train(objective: str, steps: int = 100, lr: float = 1e-2) -> list:
-    """The recommended adaptation without its guard: 100 steps at 1e-2 on the train split's unlabeled images."""
+    """The recommended adaptation without its guard: by default 100 steps at 1e-2 on the train split's unlabeled images."""
     return ["--objective", objective, "--steps", steps, "--lr", lr, "--split", "train"]
 
 

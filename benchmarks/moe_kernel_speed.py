@@ -117,13 +117,16 @@ def sweep(plain, moes, act, x, reps: int) -> list[dict]:
     return sorted(rows, key=lambda r: (r["chunk"], r["tile_rows"], r["control"]))
 
 
+def _is_default(row: dict) -> bool:
+    return (row["chunk"], row["tile_rows"]) == (DEFAULT_CHUNK_SIZE, DEFAULT_TILE_ROWS)
+
+
 def write_sweep(rows: list[dict], sizes: dict, results: Path) -> None:
     """``moe_kernel_sweep_<machine>.{md,json}``: is the default (chunk, tile) the right one on this CPU?"""
     machine = machine_description()
-    is_default = [(r["chunk"], r["tile_rows"]) == (DEFAULT_CHUNK_SIZE, DEFAULT_TILE_ROWS) for r in rows]
-    default_ratios = [r["ratio"] for r, d in zip(rows, is_default) if d]
+    default_ratios = [r["ratio"] for r in rows if _is_default(r)]
     noise = max(default_ratios) / min(default_ratios) - 1
-    fastest = min((r for r, d in zip(rows, is_default) if not d), key=lambda r: r["ratio"])
+    fastest = min((r for r in rows if not _is_default(r)), key=lambda r: r["ratio"])
     lines = [
         "# Dense WEMoE MLP kernel: sample chunk and tile size",
         "",
@@ -135,9 +138,9 @@ def write_sweep(rows: list[dict], sizes: dict, results: Path) -> None:
         "| chunk (samples) | tile (rows) | merged tile per worker | WEMoE MLP / plain MLP |",
         "|---:|---:|---:|---:|",
     ]
-    for r, d in zip(rows, is_default):
+    for r in rows:
         mib = r["chunk"] * r["tile_rows"] * sizes["width"] * 4 / 2**20
-        mark = (" (default, timed again last)" if r["control"] else " (default)") if d else ""
+        mark = "" if not _is_default(r) else " (default, timed again last)" if r["control"] else " (default)"
         lines.append(f"| {r['chunk']} | {r['tile_rows']}{mark} | {mib:.2f} MiB | {r['ratio']:.2f}x |")
     gain = min(default_ratios) / fastest["ratio"] - 1
     lines += [

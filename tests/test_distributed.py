@@ -143,7 +143,8 @@ def compare_outputs(one: Path, two: Path, trained: str, rtol: float) -> None:
     for key in a:
         assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
         if trained in key:
-            worst = max(worst, ((a[key].double() - b[key].double()).norm() / a[key].double().norm().clamp_min(1e-12)).item())
+            ref = a[key].double()
+            worst = max(worst, ((ref - b[key].double()).norm() / ref.norm().clamp_min(1e-12)).item())
         else:
             assert torch.equal(a[key], b[key]), key
     assert worst <= rtol, f"trained tensors differ by {worst:.2e} (relative)"
