@@ -74,9 +74,9 @@ def write_clip(root: Path) -> Path:
 
 def write_finetuned(root: Path, clip: Path, arch: Path) -> None:
     """Fine-tune-like image towers: the CLIP's own, every tensor moved by 2% of its norm, in HF CLIPVisionModel layout."""
-    from wemoe.checkpoint import open_checkpoint
-    from wemoe.io.hf_config import vision_model_config
+    from wemoe.checkpoints.checkpoint import open_checkpoint
     from wemoe.io.safetensors_io import save_tensors
+    from wemoe.outputs.hf_config import vision_model_config
     from wemoe.schemes import get_scheme
 
     base = open_checkpoint(clip, str(arch))

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.speed import CACHE, REPO, RESULTS, machine_description, make_checkpoints
+from benchmarks.common import REPO, RESULTS, SPEED_CACHE, machine_description, make_checkpoints
 
 SMALL = {
     "tiny": dict(width=128, depth=2, heads=2, patch_size=16, image_size=64, mlp_width=512, embed_dim=64, activation="quick_gelu"),
@@ -169,10 +169,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     import torch
 
-    from wemoe.arch import KNOWN_ARCHS
+    from wemoe.core.arch import KNOWN_ARCHS
 
     spec = SMALL.get(args.arch) or KNOWN_ARCHS[args.arch]
-    work = CACHE / f"{args.arch}-{args.experts}"  # the checkpoints benchmarks.speed made, when it has run
+    work = SPEED_CACHE / f"{args.arch}-{args.experts}"  # the checkpoints benchmarks.speed made, when it has run
     print(f"checkpoints, heads and data: {work}", flush=True)
     base, tasks = make_checkpoints(args.arch, args.experts, work, SMALL.get(args.arch))
     heads, data = make_heads_and_data(spec, args.experts, max(4 * args.per_task, 32), work)

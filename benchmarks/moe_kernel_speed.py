@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.speed import RESULTS, machine_description, machine_tag
+from benchmarks.common import RESULTS, machine_description, machine_tag
 from wemoe.model.activations import get_activation
-from wemoe.model.kernels import DEFAULT_CHUNK_SIZE, DEFAULT_TILE_ROWS
-from wemoe.model.moe_reference import linear_reference
-from wemoe.model.routed import RoutedLinear, routed_linear_factory
-from wemoe.model.routers import Router
 from wemoe.model.vit import Mlp
+from wemoe.moe.experts import store_of_rank
+from wemoe.moe.kernels import DEFAULT_CHUNK_SIZE, DEFAULT_TILE_ROWS
+from wemoe.moe.reference import linear_reference
+from wemoe.moe.routed import RoutedLinear, routed_linear_factory
+from wemoe.moe.routers import Router
 
 
 class MoEMlp(torch.nn.Module):
@@ -52,7 +53,7 @@ def build(layers, D, H, T, act, seed=0):
     g = torch.Generator().manual_seed(seed)
     plain, moes = [], []
     for _ in range(layers):
-        mlp = Mlp(D, H, act, linear=routed_linear_factory(T, None))
+        mlp = Mlp(D, H, act, linear=routed_linear_factory(T, store_of_rank(None)))
         tensors = []
         for layer in (mlp.fc1, mlp.fc2):
             assert isinstance(layer, RoutedLinear)
@@ -236,7 +237,7 @@ def main(argv=None):
     print(f"WEMoE forward+backward     : {bt['moe'] * scale:7.2f} s / 12 layers   ratio {bt['moe'] / bt['plain']:.2f}x (grads to routers and input)")
 
     if a.compare_intra_op:
-        from wemoe.model import kernels as moe_module
+        from wemoe.moe import kernels as moe_module
 
         with torch.no_grad():
             tp, tm = 1e9, 1e9

@@ -38,7 +38,7 @@ def test_recipe_line_without_replay_and_without_recipe() -> None:
 
 
 def test_guard_line_reads_each_rows_guard_from_its_arguments() -> None:
-    from benchmarks.accuracy import BEST, EXTENDED_WEMOE, PAPER
+    from benchmarks.accuracy.rows import BEST, EXTENDED_WEMOE, PAPER
 
     r = report(None)
     for key, (text, flags), average in (
@@ -58,7 +58,8 @@ def test_recommended_config_file_is_the_recommended_row() -> None:
     """configs/zoo_wemoe.yaml is documented as the recommended row: every flag of that row has its YAML key."""
     import yaml
 
-    from benchmarks.accuracy import BEST, REPO
+    from benchmarks.accuracy.rows import BEST
+    from benchmarks.common import REPO
 
     cfg = yaml.safe_load((REPO / "configs" / "zoo_wemoe.yaml").read_text())
     flags = [str(f) for f in BEST[1]]

@@ -113,6 +113,9 @@ def test_coefficients_and_checkpoint_equal_reference(setup, capsys, granularity)
         c = got[:, 0 if granularity == "task" else section["groups"].index(k)]
         expected = b + sum(c[j] * (s[k] - b) for j, s in enumerate(states))
         assert torch.allclose(merged[k], expected, atol=1e-5, rtol=1e-5), k
+    card = (tmp / f"ada-{granularity}" / "README.md").read_text()  # the card shows what it was adapted on
+    assert "Adapted on (unlabeled use of the images):" in card and f"| t2 | `{data['t2']}` |" in card
+    assert "in 4 steps" in card and "task arithmetic with coefficients adapted on unlabeled data" in card
 
 
 def test_zero_steps_is_task_arithmetic_bit_for_bit(setup, capsys):
@@ -132,6 +135,7 @@ def test_adamerging_refusals(setup, capsys):
     tmp, base, tasks, _, _, heads, data = setup
     code, _, err = merge(capsys, setup, "bad1", "--granularity", "block")
     assert_one_line_error(code, err, "--granularity must be one of task, layer")
+    assert code == 2  # a bad choice is a usage error, as a bad --method is
     code, _, err = merge_cli(capsys, base, tasks, "adamerging", tmp / "bad2", data={"t0": data["t0"]})
     assert_one_line_error(code, err, "--data for task 't0' needs its head")
     code, _, err = run_cli(

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from wemoe.clip.templates import BUILTIN
 from wemoe.commands.evaluate import parse_task_spec
-from wemoe.config import merge_config
-from wemoe.heads import load_head, load_heads
-from wemoe.templates import BUILTIN
+from wemoe.merging.config import merge_config
+from wemoe.model.heads import load_head, load_heads
 
 from cli_helpers import assert_one_line_error, run_cli
 from clip_factories import META, clip_reference_head, image_folder, visual_tasks, write_clip

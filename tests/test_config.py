@@ -1,6 +1,7 @@
 """One YAML config drives both `merge --config` and `eval --config`; flags override it."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,9 +52,54 @@ def test_bad_configs(tmp_path, capsys):
     assert_one_line_error(code, err, "unknown.yaml", "lamda")
 
 
-def test_shipped_example_configs_parse():
-    from pathlib import Path
+CONFIGS = Path(__file__).parents[1] / "configs"
 
-    for path in Path(__file__).parents[1].glob("configs/*.yaml"):
-        cfg = yaml.safe_load(path.read_text())
-        assert {"base", "method", "tasks"} <= set(cfg), path
+
+def test_shipped_zoo_config_is_the_recommended_merge_and_dry_runs(tmp_path, capsys):
+    """configs/zoo_wemoe.yaml through the real reader, then `wemoe merge --config ... --dry-run` with small
+    stand-in checkpoints, heads and data placed where its relative paths point."""
+    from wemoe.merging.config import eval_options_from_yaml, merge_config
+
+    cfg = merge_config(CONFIGS / "zoo_wemoe.yaml")
+    p = cfg.params
+    assert cfg.method == "wemoe" and (p.experts, p.expert_rank, p.objective, p.split, p.coef_guard) == ("mlp,attn", "16", "task", "train", "straight-through")
+    assert len(cfg.tasks) == 8 and all(t.head and t.data for t in cfg.tasks)
+    root = tmp_path / "repo"
+    (root / "configs").mkdir(parents=True)
+    (root / "configs" / "zoo_wemoe.yaml").write_text((CONFIGS / "zoo_wemoe.yaml").read_text())
+    stand_ins = tmp_path / "stand_ins"
+    base, tasks, _, _ = zoo(stand_ins, tasks=len(cfg.tasks))
+    rng = np.random.default_rng(0)
+    for spec, task in zip(cfg.tasks, tasks):
+        for want, source in ((cfg.base, base), (spec.checkpoint, task)):
+            target = root / Path(want).resolve().relative_to(CONFIGS.parent.resolve())
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+        head = root / Path(spec.head).resolve().relative_to(CONFIGS.parent.resolve())
+        head.parent.mkdir(parents=True, exist_ok=True)
+        save_tensors(head, {"weight": torch.randn(3, 16)})
+        data = root / Path(spec.data).resolve().relative_to(CONFIGS.parent.resolve())
+        data.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(data, x_train=rng.integers(0, 255, (12, 32, 32, 3), dtype=np.uint8), y_train=rng.integers(0, 3, 12))
+    code, out, err = run_cli(capsys, "merge", "--config", root / "configs" / "zoo_wemoe.yaml", "--dry-run", "-q")
+    assert code == 0, err
+    assert "method:  wemoe" in out and "expert_rank=16" in out and "objective=task" in out and "routed attn,mlp" in out
+    assert out.count("data:    ") == 8 and not (root / "out").exists()
+    opts = eval_options_from_yaml({"tasks": ()}, root / "configs" / "zoo_wemoe.yaml")
+    assert opts["model"].endswith("out/zoo_wemoe") and len(opts["tasks"]) == 8
+
+
+def test_shipped_clip_config_parses_and_names_the_missing_checkpoint(capsys):
+    """configs/clip_vit_b32_task_arithmetic.yaml is an example over files the user holds: the real reader takes it
+    whole, and a dry run without those files stops at once naming the first one."""
+    from wemoe.merging.config import merge_config
+
+    cfg = merge_config(CONFIGS / "clip_vit_b32_task_arithmetic.yaml")
+    assert cfg.method == "task-arithmetic" and cfg.arch == "ViT-B-32-quickgelu" and cfg.params.lam == 0.3
+    assert [t.name for t in cfg.tasks] == ["sun397", "cars"] and cfg.tasks[0].head.endswith("head_SUN397.pt")
+    code, _, err = run_cli(capsys, "merge", "--config", CONFIGS / "clip_vit_b32_task_arithmetic.yaml", "--dry-run")
+    assert_one_line_error(code, err, "/path/to/ViT-B-32/zeroshot.pt", "no such file")
+
+
+def test_every_shipped_config_is_tested():
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == ["clip_vit_b32_task_arithmetic.yaml", "zoo_wemoe.yaml"]

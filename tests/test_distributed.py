@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from wemoe import distributed
+from wemoe.adaptation import distributed
 from wemoe.errors import ReportedElsewhere, UsageError, WemoeError
 from wemoe.io.output import TMP_MARK
 from wemoe.io.safetensors_io import load_tensors

@@ -104,7 +104,7 @@ def test_image_folder_equals_npz(task, capsys):
 
 def test_pickled_classification_head(task, capsys, tmp_path):
     tmp, model_path, head_path, data_path, ref = task
-    from wemoe.heads import load_head
+    from wemoe.model.heads import load_head
 
     class ClassificationHead(torch.nn.Linear):
         def __init__(self, normalize, weights, biases=None):

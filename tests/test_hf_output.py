@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 import wemoe
-from wemoe.artifact import read_output
+from wemoe.outputs.artifact import read_output
 
 from cli_helpers import run_cli
 from clip_factories import hf_clip_config, hf_clip_state, image_folder, open_clip_clip

@@ -538,12 +538,12 @@ def test_mislabelled_npz(z, capsys):
 
 
 def test_bad_data_refuses_a_wemoe_merge_before_compute(z, capsys, monkeypatch):
-    import wemoe.upscale
+    import wemoe.methods.wemoe.build
 
     def no_compute(*a, **k):
         raise AssertionError("compute started before the data was validated")
 
-    monkeypatch.setattr(wemoe.upscale, "build_wemoe", no_compute)
+    monkeypatch.setattr(wemoe.methods.wemoe.build, "build_wemoe", no_compute)
     d = fresh(z, "merge_data")
     np.savez(d / "float_images.npz", x=z.x.astype(np.float32), y=z.y)
     np.savez(d / "short_labels.npz", x=z.x, y=z.y[:3])

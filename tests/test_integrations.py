@@ -13,9 +13,9 @@ from PIL import Image
 import wemoe
 from wemoe.cli import main
 from wemoe.errors import WemoeError
-from wemoe.heads import load_head
 from wemoe.integrations.open_clip import use_merged_visual
 from wemoe.integrations.timm import use_merged_weights
+from wemoe.model.heads import load_head
 
 from clip_factories import CONTEXT, TEXT_DEPTH, TEXT_WIDTH, image_folder, open_clip_clip, visual_tasks, write_clip
 from factories import DEPTH, EMBED, HEADS, IMAGE, PATCH, WIDTH, timm_vit
@@ -77,7 +77,7 @@ def test_zero_shot_with_the_text_tower_equals_the_head(merged, kind):
     import open_clip
     from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
-    from wemoe.templates import BUILTIN
+    from wemoe.clip.templates import BUILTIN
 
     tmp, oc_path, outs, head = merged
     clip = use_merged_visual(open_clip_clip(), outs[kind])

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from wemoe.memory import return_freed_memory_to_os
+from wemoe.core.memory import return_freed_memory_to_os
 
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
@@ -18,7 +18,7 @@ def test_freed_tensors_leave_resident_memory():
     dynamic threshold moves them into the heap after the first free)."""
     script = r"""
 import re, sys, torch
-from wemoe.memory import return_freed_memory_to_os
+from wemoe.core.memory import return_freed_memory_to_os
 if sys.argv[1] == "on":
     assert return_freed_memory_to_os()
 def rss():

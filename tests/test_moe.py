@@ -7,15 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wemoe.arch import ViTArch
+from wemoe.core.arch import ViTArch
 from wemoe.errors import WemoeError
-from wemoe.model import kernels
-from wemoe.model.experts import DenseExperts, LowRankExperts, truncated_svd
-from wemoe.model.moe import MoEBlock
-from wemoe.model.moe_reference import block_reference, linear_reference
-from wemoe.model.routed import RoutedLinear, routed_linear_factory
-from wemoe.model.routers import Router
 from wemoe.model.vit import Mlp, RoutingTrace
+from wemoe.moe import kernels
+from wemoe.moe.block import MoEBlock
+from wemoe.moe.experts import DenseExperts, LowRankExperts, store_of_rank, truncated_svd
+from wemoe.moe.reference import block_reference, linear_reference
+from wemoe.moe.routed import RoutedLinear, routed_linear_factory
+from wemoe.moe.routers import Router
 
 D, H, T, N = 24, 56, 4, 5
 
@@ -53,7 +53,7 @@ def fill(layer: RoutedLinear, seed: int) -> RoutedLinear:
 
 
 def routed(in_f, out_f, rank=None, seed=0) -> RoutedLinear:
-    return fill(routed_linear_factory(T, rank)(in_f, out_f), seed)
+    return fill(routed_linear_factory(T, store_of_rank(rank))(in_f, out_f), seed)
 
 
 def coefs(batch, seed=3, requires_grad=False):
@@ -100,8 +100,8 @@ def test_low_rank_at_full_rank_equals_dense():
     g = torch.Generator().manual_seed(0)
     w0, b0 = torch.randn(H, D, generator=g), torch.randn(H, generator=g)
     taus, tau_b = torch.randn(T, H, D, generator=g) * 0.1, torch.randn(T, H, generator=g) * 0.1
-    dense = routed_linear_factory(T, None)(D, H)
-    low = routed_linear_factory(T, D)(D, H)
+    dense = routed_linear_factory(T, store_of_rank(None))(D, H)
+    low = routed_linear_factory(T, store_of_rank(D))(D, H)
     with torch.no_grad():
         for layer in (dense, low):
             layer.weight.copy_(w0)
@@ -137,7 +137,7 @@ def make_block(groups=("mlp",), rank=None, layers=2, coef_range=None, activation
     arch = ViTArch(width=D, depth=1, heads=2, patch_size=4, image_size=8, mlp_width=H, activation=activation)
     torch.manual_seed(seed)
     routers = {grp: Router(D, T, layers=layers) for grp in groups}
-    block = MoEBlock(arch, T, groups, rank, routers, coef_range)
+    block = MoEBlock(arch, T, groups, store_of_rank(rank), routers, coef_range)
     g = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
         for k, (_name, layer) in enumerate(block.named_modules()):
@@ -340,7 +340,7 @@ def test_forward_under_inference_mode(threads):
     try:
         layer = routed(16, 256)
         layer.experts.tile_rows = 64
-        mlp = Mlp(16, 256, "gelu", linear=lambda i, o: layer if o == 256 else fill(routed_linear_factory(T, None)(i, o), 5))
+        mlp = Mlp(16, 256, "gelu", linear=lambda i, o: layer if o == 256 else fill(routed_linear_factory(T, store_of_rank(None))(i, o), 5))
         x, c = torch.randn(4, 5, 16), coefs(4)
         with torch.no_grad():
             ref = mlp(x, c)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import wemoe
-from wemoe.checkpoint import open_checkpoint
-from wemoe.model.moe_reference import reference_forward
+from wemoe.checkpoints.checkpoint import open_checkpoint
 from wemoe.model.vit import build_vit
+from wemoe.moe.reference import reference_forward
 
 from cli_helpers import assert_one_line_error, merge_cli, run_cli
 from factories import zoo

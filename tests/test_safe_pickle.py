@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from wemoe.errors import WemoeError
-from wemoe.io import safe_pickle
+from wemoe.io import restricted_unpickler
 from wemoe.io.safe_pickle import PickledCheckpoint, load_pickled_checkpoint
 
 FAKE_MODULE = "src.modeling"  # the task_vectors package name; never importable here
@@ -322,22 +322,22 @@ def test_build_cannot_set_attributes_on_allowed_globals(tmp_path):
 
     prefix = b"\x80\x02" + setattr_ops(b"torch._utils\n_rebuild_tensor_v2\n", "__defaults__") + setattr_ops(b"torch\nUntypedStorage\n", "nbytes")
     _rewrite_zip(tmp_path / "plain.pt", tmp_path / "crafted.pt", lambda name, data: prefix + data if name.endswith("/data.pkl") else data)
-    defaults = safe_pickle._rebuild_tensor_v2.__defaults__
+    defaults = restricted_unpickler._rebuild_tensor_v2.__defaults__
     storage_nbytes = torch.UntypedStorage.nbytes
 
     loaded = load_pickled_checkpoint(tmp_path / "crafted.pt")
 
     assert loaded.method == "restricted"
     assert_same_tensors(loaded, {"weight": weight})
-    assert safe_pickle._rebuild_tensor_v2.__defaults__ == defaults
+    assert restricted_unpickler._rebuild_tensor_v2.__defaults__ == defaults
     assert torch.UntypedStorage.nbytes is storage_nbytes
 
 
 def test_tensor_past_end_of_storage_is_refused():
     storage = torch.storage.TypedStorage(wrap_storage=torch.UntypedStorage(16), dtype=torch.float32, _internal=True)
     with pytest.raises(pickle.UnpicklingError, match="past the end"):
-        safe_pickle._rebuild_tensor_v2(storage, 0, (100,), (1,), False, None)
-    assert safe_pickle._rebuild_tensor_v2(storage, 1, (3,), (1,)).shape == (3,)
+        restricted_unpickler._rebuild_tensor_v2(storage, 0, (100,), (1,), False, None)
+    assert restricted_unpickler._rebuild_tensor_v2(storage, 1, (3,), (1,)).shape == (3,)
 
 
 # --------------------------------------------------------------------------- broken and foreign files

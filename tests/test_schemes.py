@@ -3,7 +3,7 @@ weights, converts back exactly, and our encoder matches timm and open_clip."""
 
 import torch
 
-from wemoe.checkpoint import open_checkpoint
+from wemoe.checkpoints.checkpoint import open_checkpoint
 from wemoe.model.vit import build_vit
 from wemoe.schemes import SCHEMES, detect_scheme
 

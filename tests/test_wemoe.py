@@ -32,6 +32,21 @@ def setup(tmp_path_factory):
     return tmp, base, task_args, heads, data
 
 
+@pytest.fixture(scope="module")
+def adapted(setup):
+    """A WEMoE merge adapted for 3 steps (seed 7): made once, whichever test asks first."""
+    from wemoe.cli import main
+
+    tmp, base, task_args, heads, data = setup
+    out = tmp / "adapted"
+    args = ["merge", "--base", base, "--tasks", *task_args, "--method", "wemoe", "--out", out, "-q", "--heads", *heads, "--data", *data]
+    try:
+        main([str(a) for a in [*args, "--steps", "3", "--lr", "1e-2", "--seed", "7"]])
+    except SystemExit as exc:
+        assert not exc.code, f"merge failed with exit {exc.code}"
+    return out
+
+
 def merge(capsys, setup, out, *extra):
     tmp, base, task_args, heads, data = setup
     return run_cli(capsys, "merge", "--base", base, "--tasks", *task_args, "--method", "wemoe", "--out", tmp / out, "-q", *extra)
@@ -40,7 +55,7 @@ def merge(capsys, setup, out, *extra):
 def untrained_and_task_arithmetic(setup, capsys, name: str, lam: str = "0.35"):
     """An untrained WEMoE merge and the task-arithmetic merge at the same lambda, both loaded."""
     import wemoe
-    from wemoe.checkpoint import open_checkpoint
+    from wemoe.checkpoints.checkpoint import open_checkpoint
     from wemoe.model.vit import build_vit
 
     tmp, base, task_args, heads, data = setup
@@ -82,10 +97,8 @@ def test_fixed_routing_overrides_the_router_and_is_restored(setup, capsys):
             pass
 
 
-def test_adapted_model_round_trip_in_fresh_process(setup, capsys):
+def test_adapted_model_round_trip_in_fresh_process(setup, adapted, capsys):
     tmp, base, task_args, heads, data = setup
-    code, _, err = merge(capsys, setup, "adapted", "--heads", *heads, "--data", *data, "--steps", "3", "--lr", "1e-2", "--seed", "7")
-    assert code == 0, err
     cfg = json.loads((tmp / "adapted" / "config.json").read_text())
     ad = cfg["wemoe"]["adaptation"]
     assert ad["steps"] == 3 and ad["lr"] == 1e-2 and set(ad["data"]) == {"t0", "t1", "t2"} and ad["final_loss"] > 0
@@ -121,12 +134,10 @@ def test_adapted_model_round_trip_in_fresh_process(setup, capsys):
         assert a == b, f
 
 
-def test_per_sample_routing_and_router_only_gradients(setup, capsys):
+def test_per_sample_routing_and_router_only_gradients(setup, adapted, capsys):
     import wemoe
 
     tmp, base, task_args, heads, data = setup
-    if not (tmp / "adapted").exists():
-        pytest.skip("needs the adapted model")
     m = wemoe.load(tmp / "adapted")
     x = torch.randn(6, 3, 32, 32)
     with torch.no_grad():
@@ -161,10 +172,8 @@ def test_bfloat16_halves_the_checkpoint(setup, capsys):
     assert m(torch.randn(2, 3, 32, 32)).dtype == torch.float32
 
 
-def test_routes_and_export(setup, capsys):
+def test_routes_and_export(setup, adapted, capsys):
     tmp, base, task_args, heads, data = setup
-    if not (tmp / "adapted").exists():
-        pytest.skip("needs the adapted model")
     code, stdout, err = run_cli(capsys, "routes", tmp / "adapted", "--task", *data, "--png", tmp / "r.png", "--json", tmp / "r.json", "-q")
     assert code == 0, err
     assert "task t1" in stdout and (tmp / "r.png").stat().st_size > 1000

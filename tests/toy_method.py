@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from wemoe.merging.engine import StaticMethod, TensorMerge
-from wemoe.methods import param, register
+from wemoe.methods import StaticMethod, TensorMerge, param, register
 
 
 @register

@@ -14,8 +14,7 @@ Quick use::
                       method="task-arithmetic", out="merged/")
 """
 
-__version__ = "0.1.0"
-
+from wemoe._version import __version__
 from wemoe.errors import WemoeError
 
 
@@ -26,7 +25,7 @@ def load(path, device="cpu"):
     ViT; both give the image embedding from ``model(images)`` and class logits from
     ``model.logits(images, task)`` with the stored heads.
     """
-    from wemoe.loading import load_output
+    from wemoe.outputs.loading import load_output
 
     return load_output(path, device=device)
 

@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from wemoe.config import merge_config
+from wemoe.merging.config import merge_config
+from wemoe.merging.job import run_merge
 
 Paths = Mapping[str, str | Path] | Sequence[str | Path] | None
 
@@ -46,7 +47,6 @@ def merge(
     from the method's defaults. Bad input raises ``wemoe.WemoeError`` before any
     compute; nothing is written unless the whole merge succeeds.
     """
-    from wemoe.merging.job import run_merge
 
     def path(v):
         return None if v is None else str(v)

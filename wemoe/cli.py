@@ -16,10 +16,10 @@ from typing import Any
 
 import click
 
+from wemoe.commands.options import GREEDY_OPTIONS, device_option, expand_greedy, verbosity_options
+from wemoe.core.memory import return_freed_memory_to_os
+from wemoe.core.runtime import DTYPES
 from wemoe.errors import ReportedElsewhere, UsageError, WemoeError
-from wemoe.memory import return_freed_memory_to_os
-from wemoe.options import GREEDY_OPTIONS, device_option, expand_greedy, verbosity_options
-from wemoe.runtime import DTYPES
 
 MERGE_COMMON = (
     "config_path",
@@ -42,7 +42,7 @@ MERGE_COMMON = (
 
 
 def _method_options() -> list[click.Option]:
-    """One flag per parameter key of any registered method; help says which methods take it."""
+    """One flag per parameter key of any registered method; help says which methods (and kinds) take it."""
     from wemoe.methods import all_params, method_names
 
     every = set(method_names())
@@ -51,11 +51,14 @@ def _method_options() -> list[click.Option]:
         info = owners[0][1]
         defaults = "; ".join(f"{m}: {i.default}" for m, i in owners)
         scope = "" if {m for m, _ in owners} == every else f" ({', '.join(m for m, _ in owners)})"
+        if info.component is not None:  # a kind's option: say which kinds take it
+            scope += f" (--{info.component.replace('_', '-')} {', '.join(info.kinds)})"
         help_text = f"{info.help}{scope} [{defaults}]"
         if info.type is bool:
             options.append(click.Option([f"{info.flag}/--no-{info.flag[2:]}", key], default=None, help=help_text))
         else:
-            metavar = "|".join(info.choices) if info.choices else None
+            choices = info.choices
+            metavar = "|".join(choices) if choices else None
             options.append(click.Option([info.flag, key], type=info.type, default=None, metavar=metavar, help=help_text))
     return options
 
@@ -65,8 +68,8 @@ def _merge_command() -> click.Command:
 
     @click.pass_context
     def callback(ctx: click.Context, **opts: Any) -> None:
-        from wemoe import distributed
-        from wemoe.config import merge_config
+        from wemoe.adaptation import distributed
+        from wemoe.merging.config import merge_config
         from wemoe.merging.job import run_merge
 
         given = {k: (v if v != () else None) for k, v in opts.items()}
@@ -126,12 +129,17 @@ def _merge_command() -> click.Command:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write results as JSON.")
 @click.option("--arch", help="Architecture name or JSON file for a plain checkpoint.")
 @click.option("--card", is_flag=True, help="Record the accuracies in the output directory's model card (README.md).")
+@click.option(
+    "--task-agnostic",
+    is_flag=True,
+    help="Also score without naming the task: the model's task posterior picks each image's head (task identification and joint accuracy).",
+)
 @device_option
 @verbosity_options
 def eval_cmd(**opts: Any) -> None:
     """Per-task accuracy of a checkpoint or merge output, each task with its own head."""
     from wemoe.commands.evaluate import run_eval
-    from wemoe.config import eval_options_from_yaml
+    from wemoe.merging.config import eval_options_from_yaml
 
     path = opts.pop("config_path", None)
     if path:
@@ -223,7 +231,7 @@ def build_cli() -> click.Group:
 
 
 def _later_rank() -> bool:
-    from wemoe.distributed import launched
+    from wemoe.adaptation.distributed import launched
 
     try:
         world = launched()

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from wemoe.merging.inputs import sha256_files
+from wemoe.checkpoints.inputs import sha256_files
 
 FULL: dict[str, Any] = {
     "seed": 0,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from wemoe.heads import Head
+from wemoe.model.heads import Head
 
 from .model import preprocess
 

@@ -10,7 +10,7 @@ from open_clip.transformer import VisionTransformer
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from wemoe.arch import CLIP_MEAN, CLIP_STD
+from wemoe.core.arch import CLIP_MEAN, CLIP_STD
 
 PREFIX = "visual."
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from wemoe.objectives import entropy
+from wemoe.adaptation.objectives import entropy
 
 from . import datasets
 from .build import DEFAULT_CACHE

@@ -1,7 +1,7 @@
 """Own-expert ceilings of WEMoE models with other routed layers and expert ranks, and their size.
 
 For each configuration (which linears are routed: mlp, attn, both; dense or rank-R
-experts) the real WEMoE model is built with ``wemoe.upscale.build_wemoe`` from the
+experts) the real WEMoE model is built with ``wemoe.methods.wemoe.build.build_wemoe`` from the
 zoo's checkpoints, and every test image of a task is routed to that task's own
 expert alone (``model.fixed_routing``). That is the accuracy a perfect router could
 reach with that configuration: it reads the task label, so it is a diagnostic, not a
@@ -16,12 +16,14 @@ from collections.abc import Sequence
 
 import torch
 
-from wemoe.arch import KNOWN_ARCHS, ViTArch
+from wemoe.checkpoints.inputs import load_inputs
+from wemoe.core.arch import KNOWN_ARCHS, ViTArch
 from wemoe.data import load_data
-from wemoe.evaluate import evaluate_task
-from wemoe.merging.inputs import load_inputs
-from wemoe.model.wemoe_model import MoESpec, WEMoEModel, parameter_count
-from wemoe.upscale import build_wemoe
+from wemoe.evaluation.accuracy import evaluate_task
+from wemoe.methods.wemoe.build import build_wemoe
+from wemoe.moe.experts import store_of_rank
+from wemoe.moe.model import WEMoEModel, parameter_count
+from wemoe.moe.spec import MoESpec
 
 # (groups, rank): rank None = dense task vectors
 CONFIGS: tuple[tuple[tuple[str, ...], int | None], ...] = (
@@ -51,7 +53,7 @@ def own_expert_accuracy(model: WEMoEModel, data_paths: dict[str, str], batch_siz
 
 
 def routed_ceilings(cache: str, lam: float, tasks: Sequence[str], configs=CONFIGS) -> list[dict]:
-    from wemoe.heads import load_head
+    from wemoe.model.heads import load_head
 
     inputs = load_inputs(os.path.join(cache, "base.safetensors"), [(t, os.path.join(cache, "tasks", f"{t}.safetensors")) for t in tasks], progress=False)
     heads = {t: load_head(os.path.join(cache, "heads", f"head_{t}.safetensors")) for t in tasks}
@@ -59,7 +61,7 @@ def routed_ceilings(cache: str, lam: float, tasks: Sequence[str], configs=CONFIG
     arch = inputs.base.arch
     rows = []
     for groups, rank in configs:
-        spec = MoESpec(blocks=tuple(range(arch.depth)), groups=groups, rank=rank, init_lambda=lam)
+        spec = MoESpec(blocks=tuple(range(arch.depth)), groups=groups, store=store_of_rank(rank), init_lambda=lam)
         model, energy = build_wemoe(inputs, spec, progress=False)
         model.heads = heads
         accuracy = own_expert_accuracy(model, data)
@@ -73,7 +75,8 @@ def routed_ceilings(cache: str, lam: float, tasks: Sequence[str], configs=CONFIG
                 "average": sum(accuracy.values()) / len(accuracy),
                 "energy_kept": sum(kept) / len(kept) if kept else 1.0,
                 "size_zoo": parameter_count(arch, len(tasks), spec) / parameter_count(arch, len(tasks), None),
-                "size_b32": parameter_count(B32, 8, MoESpec(blocks=tuple(range(B32.depth)), groups=groups, rank=rank)) / parameter_count(B32, 8, None),
+                "size_b32": parameter_count(B32, 8, MoESpec(blocks=tuple(range(B32.depth)), groups=groups, store=store_of_rank(rank)))
+                / parameter_count(B32, 8, None),
             }
         )
         print(f"{rows[-1]['label']:24s} {100 * rows[-1]['average']:5.1f}  size {rows[-1]['size_zoo']:.2f}x zoo, {rows[-1]['size_b32']:.2f}x B/32", flush=True)

@@ -9,17 +9,27 @@ from typing import Any
 
 import click
 
-from wemoe.artifact import require_output
-from wemoe.config import check_unique, split_named
+from wemoe.clip.zeroshot import CLIP_SOURCE, ZeroShotHeads, is_clip_source
+from wemoe.commands.options import progress_enabled
+from wemoe.core.runtime import resolve_device
+from wemoe.core.tasks import check_unique, split_named
 from wemoe.data import check_labels, load_data
 from wemoe.errors import WemoeError
-from wemoe.evaluate import evaluate_task
-from wemoe.heads import CLIP_SOURCE, is_clip_source, load_head
-from wemoe.loading import load_for_inference
-from wemoe.model_card import write_card
-from wemoe.options import progress_enabled
-from wemoe.runtime import resolve_device
-from wemoe.zeroshot import ZeroShotHeads
+from wemoe.evaluation.accuracy import evaluate_task
+from wemoe.evaluation.task_agnostic import AgnosticResult, evaluate_task_agnostic
+from wemoe.methods import REGISTRY
+from wemoe.model.heads import load_head
+from wemoe.moe.model import WEMoEModel
+from wemoe.outputs.artifact import OutputRecord, require_output
+from wemoe.outputs.layout import CARD_FILE
+from wemoe.outputs.loading import load_for_inference
+from wemoe.outputs.model_card import EXPORT_SUMMARY, write_card
+
+
+def method_summary(record: OutputRecord) -> str:
+    """What the method that wrote ``record`` is, in one line (for its model card)."""
+    cls = REGISTRY.get(record.method)
+    return cls.summary if cls is not None else EXPORT_SUMMARY
 
 
 def check_report_path(path: str | Path) -> None:
@@ -68,6 +78,9 @@ def run_eval(opts: dict[str, Any]) -> None:
     device = resolve_device(opts.get("device") or "auto")
     progress = progress_enabled(opts)
     loaded = load_for_inference(opts["model"], opts.get("arch"), device)
+    agnostic = bool(opts.get("task_agnostic"))
+    if agnostic:
+        check_task_agnostic(loaded.module, opts["model"])
     zero_shot = ZeroShotHeads(opts.get("arch"), device, progress)
     # validate every task (head, data, sizes) before evaluating any
     jobs = []
@@ -87,20 +100,56 @@ def run_eval(opts: dict[str, Any]) -> None:
         check_labels(data, head.num_classes, name)
         jobs.append((name, head, data, data_path))
     started = time.perf_counter()
-    results = {}
+    results: dict[str, Any] = {}
+    batch = opts.get("batch_size") or 64
     for name, head, data, _ in jobs:
-        results[name] = evaluate_task(loaded.module, head, data, loaded.arch, opts.get("batch_size") or 64, device, progress, desc=name)
-    average = sum(r.accuracy for r in results.values()) / len(results)
-    width = max(8, *(len(n) for n in results))
-    lines = [f"{'task':<{width}}  {'accuracy':>8}  {'loss':>7}  {'n':>6}"]
-    for name, r in results.items():
-        lines.append(f"{name:<{width}}  {100 * r.accuracy:>7.2f}%  {r.loss:>7.4f}  {r.n:>6}")
-    lines.append(f"{'average':<{width}}  {100 * average:>7.2f}%")
-    click.echo("\n".join(lines))
+        if agnostic:
+            results[name] = evaluate_task_agnostic(loaded.module, name, head, data, batch, device, progress, desc=name)
+        else:
+            results[name] = evaluate_task(loaded.module, head, data, loaded.arch, batch, device, progress, desc=name)
+    click.echo(result_table(results, agnostic))
     if opts.get("json_path"):
-        report: dict[str, Any] = {n: {"accuracy": r.accuracy, "n": r.n, "loss": r.loss} for n, r in results.items()}
-        report.update({"average": average, "model": str(opts["model"]), "seconds": round(time.perf_counter() - started, 3)})
+        report: dict[str, Any] = {n: result_record(r) for n, r in results.items()}
+        report.update({"average": mean(r.accuracy for r in results.values()), "model": str(opts["model"]), "seconds": round(time.perf_counter() - started, 3)})
+        if agnostic:
+            report["task_agnostic"] = {k: mean(getattr(r, k) for r in results.values()) for k in ("task_accuracy", "joint_accuracy")}
         Path(opts["json_path"]).write_text(json.dumps(report, indent=2) + "\n")
     if opts.get("card"):
-        accuracy = {n: {"accuracy": r.accuracy, "n": r.n, "data": str(job[3])} for (n, r), job in zip(results.items(), jobs)}
-        write_card(record.path, record.raw, accuracy)
+        accuracy = {n: {**result_record(r), "data": str(job[3])} for (n, r), job in zip(results.items(), jobs)}
+        write_card(record.path, record.raw, method_summary(record), accuracy)
+        click.echo(f"wrote the accuracies into {record.path / CARD_FILE}", err=True)
+
+
+def check_task_agnostic(module: Any, path: str) -> None:
+    """``--task-agnostic`` needs a model that routes (so has a task posterior) and a head for every merged task."""
+    if not isinstance(module, WEMoEModel):
+        raise WemoeError("--task-agnostic needs a mixture-of-experts output (its routing says which task an image is); this is a plain checkpoint", path=path)
+    missing = [t for t in module.task_names if t not in module.heads]
+    if missing:
+        have = "stores no heads" if not module.heads else f"stores no head for {', '.join(missing)}"
+        raise WemoeError(f"--task-agnostic picks each image's head itself, so it needs every merged task's head; this model {have}", path=path)
+
+
+def mean(values: Any) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def result_record(r: Any) -> dict[str, Any]:
+    out = {"accuracy": r.accuracy, "n": r.n, "loss": r.loss}
+    if isinstance(r, AgnosticResult):
+        out.update(task_accuracy=r.task_accuracy, joint_accuracy=r.joint_accuracy, predicted=r.predicted)
+    return out
+
+
+def result_table(results: dict[str, Any], agnostic: bool) -> str:
+    width = max(8, *(len(n) for n in results))
+    extra = f"  {'task id':>8}  {'joint':>8}" if agnostic else ""
+    lines = [f"{'task':<{width}}  {'accuracy':>8}  {'loss':>7}  {'n':>6}{extra}"]
+    for name, r in results.items():
+        more = f"  {100 * r.task_accuracy:>7.2f}%  {100 * r.joint_accuracy:>7.2f}%" if agnostic else ""
+        lines.append(f"{name:<{width}}  {100 * r.accuracy:>7.2f}%  {r.loss:>7.4f}  {r.n:>6}{more}")
+    values = list(results.values())
+    more = f"  {100 * mean(r.task_accuracy for r in values):>7.2f}%  {100 * mean(r.joint_accuracy for r in values):>7.2f}%" if agnostic else ""
+    lines.append(f"{'average':<{width}}  {100 * mean(r.accuracy for r in values):>7.2f}%  {'':>7}  {'':>6}{more}")
+    return "\n".join(lines)

@@ -12,15 +12,15 @@ from typing import Any
 
 import click
 
-from wemoe.config import check_unique
+from wemoe.clip.templates import resolve_templates
+from wemoe.clip.text_tower import open_text_tower
+from wemoe.clip.zeroshot import head_metadata, read_class_names, zero_shot_head
+from wemoe.commands.options import echo_note, progress_enabled
+from wemoe.core.runtime import resolve_device
+from wemoe.core.tasks import check_unique
 from wemoe.errors import WemoeError
-from wemoe.heads import save_head
 from wemoe.io.output import AtomicDirectory, check_destination
-from wemoe.options import echo_note, progress_enabled
-from wemoe.runtime import resolve_device
-from wemoe.templates import resolve_templates
-from wemoe.text_tower import open_text_tower
-from wemoe.zeroshot import head_metadata, read_class_names, zero_shot_head
+from wemoe.model.heads import save_head
 
 
 def parse_classes_spec(spec: str) -> tuple[str, str]:

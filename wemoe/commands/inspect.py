@@ -6,16 +6,15 @@ import json
 
 import click
 
-from wemoe.artifact import read_output
-from wemoe.checkpoint import open_checkpoint
-from wemoe.runtime import dtype_name
+from wemoe.checkpoints.checkpoint import open_checkpoint
+from wemoe.core.runtime import dtype_name
+from wemoe.outputs.artifact import read_output
+from wemoe.outputs.moe_module import describe_wemoe
 
 
 def run_inspect(path: str, arch: str | None) -> None:
     record = read_output(path)
     if record is not None and record.is_moe:
-        from wemoe.saved import describe_wemoe
-
         lines = [
             f"path:          {path}",
             f"architecture:  {record.architecture.summary()}",

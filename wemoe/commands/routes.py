@@ -8,14 +8,14 @@ from typing import Any
 
 import click
 
-from wemoe.artifact import require_output
 from wemoe.commands.evaluate import check_report_path, parse_task_spec
-from wemoe.config import check_unique
+from wemoe.commands.options import progress_enabled
+from wemoe.core.runtime import resolve_device
+from wemoe.core.tasks import check_unique
 from wemoe.data import load_data
-from wemoe.options import progress_enabled
-from wemoe.routing_report import mean_routing, routing_heatmap, routing_table
-from wemoe.runtime import resolve_device
-from wemoe.saved import load_wemoe
+from wemoe.evaluation.routing import mean_routing, routing_heatmap, routing_table
+from wemoe.outputs.artifact import require_output
+from wemoe.outputs.moe_module import load_wemoe
 
 
 def run_routes(opts: dict[str, Any]) -> None:

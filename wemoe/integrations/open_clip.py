@@ -23,9 +23,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from wemoe.arch import ViTArch
+from wemoe.core.arch import ViTArch
 from wemoe.errors import WemoeError
 from wemoe.integrations.preprocessing import check_preprocessing
+from wemoe.outputs.loading import load_output
 
 
 class MergedVisual(nn.Module):
@@ -80,8 +81,6 @@ def use_merged_visual(clip_model: nn.Module, merged: str | Path | nn.Module) -> 
     Returns ``clip_model`` (changed in place), on the device and dtype of its old image tower.
     """
     if isinstance(merged, (str, Path)):
-        from wemoe.loading import load_output
-
         merged = load_output(merged)
     arch = getattr(merged, "arch", None)
     if not isinstance(arch, ViTArch):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from wemoe.arch import ViTArch
+from wemoe.core.arch import ViTArch
 from wemoe.errors import WemoeError
 
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from wemoe.artifact import require_output
-from wemoe.checkpoint import open_checkpoint
+from wemoe.checkpoints.checkpoint import open_checkpoint
 from wemoe.errors import WemoeError
 from wemoe.integrations.preprocessing import check_preprocessing
+from wemoe.outputs.artifact import require_output
 
 ZERO_WHEN_ABSENT = ("head.bias", "patch_embed.proj.bias")
 ACTIVATION_CLASSES = {"gelu": "gelu", "quickgelu": "quick_gelu", "gelutanh": "gelu_tanh"}

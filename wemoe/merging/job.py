@@ -1,20 +1,20 @@
-"""Running a merge: validate everything, print the plan or run the method into an atomic output.
+"""Running a merge: validate everything, print the plan or run the method, and write its result atomically.
 
 ``run_merge(config)`` is what ``wemoe merge`` and ``wemoe.merge`` both call. The
 order is fixed for every method: options, inputs (keys, shapes, dtypes, finite
 values), heads, the method's own checks (data, parameters against the
-architecture), and only then compute, into a temporary directory renamed into
-place on success.
+architecture), and only then compute. The method returns what it produced
+(:class:`~wemoe.methods.registry.MethodResult`); this module alone writes it, into a
+temporary directory renamed into place on success.
 
-Under torchrun every rank runs this too (``wemoe.distributed``): the checks are agreed
-(a failure on any rank stops all), rank 0 alone prints and writes the output, and the
-other ranks only share the adaptation.
+Under torchrun every rank runs this too (``wemoe.adaptation.distributed``): the
+checks are agreed (a failure on any rank stops all), rank 0 alone prints and writes
+the output, and the other ranks only share the adaptation.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,58 +24,53 @@ from typing import Any
 import click
 import torch
 
-from wemoe import distributed
-from wemoe.config import MergeConfig, TaskSpec
+from wemoe.adaptation import distributed
+from wemoe.checkpoints.inputs import load_inputs
+from wemoe.clip.zeroshot import CLIP_SOURCE, ZeroShotHeads, is_clip_source
+from wemoe.core.runtime import dtype_name, parse_dtype, resolve_device
+from wemoe.core.tasks import TaskSpec
 from wemoe.data import read_classes
 from wemoe.errors import UsageError, WemoeError
-from wemoe.heads import CLIP_SOURCE, Head, is_clip_source, load_head
 from wemoe.io.output import AtomicDirectory, check_destination, parse_size
-from wemoe.merging.inputs import MergeInputs, load_inputs
-from wemoe.methods import MergeMethod, get_method, params_record
-from wemoe.provenance import base_config
-from wemoe.runtime import parse_dtype, resolve_device
-from wemoe.zeroshot import ZeroShotHeads
+from wemoe.merging.config import MergeConfig
+from wemoe.merging.engine import merged_tensors, native_entries
+from wemoe.methods import MergeMethod, MethodContext, MethodResult, get_method, params_record
+from wemoe.model.heads import Head, load_head
+from wemoe.outputs.artifact import MOE_SECTION, write_module, write_output
+from wemoe.outputs.hf_config import own_model_config
+from wemoe.outputs.provenance import base_config
+
+# what a mixture-of-experts output is stored in when --dtype is not given (plain outputs keep the base's)
+MOE_DEFAULT_DTYPE = torch.float32
 
 
 @dataclass
 class MergeJob:
-    """Everything a method needs, validated: the config, opened inputs, heads, device."""
+    """A validated merge: the config, the method, what the method is given and what it prepared."""
 
     config: MergeConfig
     method: MergeMethod
-    inputs: MergeInputs
-    heads: dict[str, Head]
-    device: str
+    ctx: MethodContext
+    state: Any
     dtype: torch.dtype | None
     shard_size: int
     started: float = field(default_factory=time.perf_counter)
-    state: dict[str, Any] = field(default_factory=dict)  # what prepare() loaded for run()
-    writes: bool = True  # False on torchrun ranks other than 0: adapt, then return without writing
 
     @property
-    def params(self) -> Any:
-        return self.config.params
+    def out_dtype(self) -> torch.dtype:
+        """What the output is written in: --dtype, else the base's (plain) or float32 (mixture of experts)."""
+        if self.dtype is not None:
+            return self.dtype
+        if self.method.produces == "moe":
+            return MOE_DEFAULT_DTYPE
+        return self.ctx.inputs.base.dtype("blocks.0.mlp.fc1.weight")
 
-    @property
-    def progress(self) -> bool:
-        return not self.config.quiet
-
-    @property
-    def seed(self) -> int:
-        return self.config.seed
-
-    def note(self, message: str) -> None:
-        if not self.config.quiet:
-            click.echo(message, err=True)
-
-    def warn(self, message: str) -> None:
-        click.echo(f"wemoe: warning: {message}", err=True)  # shown even with --quiet
-
-    def record(self, dtype: torch.dtype) -> dict[str, Any]:
+    def record(self) -> dict[str, Any]:
         """The config.json every output starts from: inputs with hashes, parameters, versions."""
-        config = base_config(self.inputs, self.config.method, params_record(self.params), dtype, self.seed)
-        config["notes"] = self.inputs.notes
-        config["heads"] = sorted(self.heads)
+        inputs = self.ctx.inputs
+        config = base_config(inputs, self.config.method, params_record(self.ctx.params), self.out_dtype, self.config.seed, self.method.produces)
+        config["notes"] = inputs.notes
+        config["heads"] = sorted(self.ctx.heads)
         return config
 
 
@@ -118,36 +113,73 @@ def prepare_job(config: MergeConfig) -> MergeJob:
     if config.out and not config.dry_run and distributed.current().main:  # only rank 0 writes
         check_destination(config.out, config.force)
     inputs = load_inputs(config.base, [(t.name, t.checkpoint) for t in config.tasks], arch=config.arch, progress=not config.quiet)
-    job = MergeJob(config, method, inputs, {}, device, dtype, shard_size)
+    ctx = MethodContext(inputs, list(config.tasks), {}, config.params, device, config.seed, config.quiet)
     for note in inputs.notes:
-        job.note(f"note: {note}")
+        ctx.note(f"note: {note}")
     split = getattr(config.params, "split", "test")
-    job.heads = load_task_heads(config.tasks, inputs.base.arch.output_dim, split, config.arch, device, not config.quiet)
-    method.prepare(job)
-    return job
+    ctx.heads = load_task_heads(config.tasks, inputs.base.arch.output_dim, split, config.arch, device, not config.quiet)
+    state = method.prepare(ctx)
+    return MergeJob(config, method, ctx, state, dtype, shard_size)
 
 
 def plan(job: MergeJob) -> str:
-    base = job.inputs.base
+    base = job.ctx.inputs.base
     lines = [
         "plan (dry run, nothing written):",
         f"  base:    {base.path} [{base.scheme}] {base.arch.summary()}",
     ]
-    for t in job.inputs.tasks:
-        head = f"  head {job.config.tasks[job.inputs.task_names.index(t.name)].head}" if t.name in job.heads else ""
+    specs = {t.name: t for t in job.config.tasks}
+    for t in job.ctx.inputs.tasks:
+        head = f"  head {specs[t.name].head}" if t.name in job.ctx.heads else ""
         lines.append(f"  task:    {t.name} = {t.path} [{t.checkpoint.scheme}]{head}")
-    params = ", ".join(f"{k}={v}" for k, v in params_record(job.params).items())
+    params = ", ".join(f"{k}={v}" for k, v in params_record(job.ctx.params).items())
     lines.append(f"  method:  {job.config.method}" + (f" ({params})" if params else ""))
-    lines.extend(f"  {line}" for line in job.method.plan(job))
-    lines.append(f"  dtype:   {job.config.dtype or 'as base'}")
+    lines.extend(f"  {line}" for line in job.method.plan(job.ctx, job.state))
+    given = "" if job.dtype is not None else (" (float32 unless --dtype)" if job.method.produces == "moe" else " (the base's)")
+    lines.append(f"  dtype:   {dtype_name(job.out_dtype)}{given}")
     lines.append(f"  output:  {job.config.out or '(none given)'}")
     return "\n".join(lines)
 
 
+def write_result(job: MergeJob, result: MethodResult, directory: Path) -> None:
+    """Write what the method produced into ``directory`` (a temporary one): model, heads, record, report, card."""
+    inputs, dtype = job.ctx.inputs, job.out_dtype
+    config = job.record()
+    base = inputs.base
+    own = own_model_config(base.scheme, base.source.config, base.arch, dtype)
+
+    def report() -> dict[str, Any]:
+        return {"seconds": round(time.perf_counter() - job.started, 3), "device": job.ctx.device, **result.report}
+
+    summary = job.method.summary
+    if job.method.produces == "moe":
+        if result.module is None:
+            raise TypeError(f"method {job.method.name} produces a mixture of experts but returned no module")
+        config[MOE_SECTION] = result.section or {}
+        if own is not None:  # the base library's config, for the plain checkpoints `wemoe export` writes
+            config["model_config"] = own
+        write_module(directory, result.module.state_dict(), config, dtype, job.shard_size, heads=job.ctx.heads, report=report, summary=summary)
+        return
+    if result.merge is None:
+        raise TypeError(f"method {job.method.name} produces a plain checkpoint but returned no tensor merge")
+    if result.section is not None:
+        config[job.method.name] = result.section
+    write_output(
+        directory,
+        config,
+        native_entries(inputs, job.dtype),
+        lambda: merged_tensors(inputs, result.merge, job.dtype, job.ctx.device, job.ctx.progress),
+        heads=job.ctx.heads,
+        report=report,
+        shard_size=job.shard_size,
+        model_config=own,
+        summary=summary,
+    )
+
+
 def _prepare_on(world: distributed.World, config: MergeConfig) -> MergeJob:
     job = prepare_job(config)
-    job.device = world.device(job.device)
-    job.writes = world.main
+    job.ctx.device = world.device(job.ctx.device)
     return job
 
 
@@ -163,16 +195,16 @@ def run_merge(config: MergeConfig) -> Path | None:
             return None
         assert config.out is not None
         if not world.main:
-            if job.method.adapts:  # the others' share of the adaptation; a method unaware of job.writes writes to scratch
-                with tempfile.TemporaryDirectory(prefix="wemoe-rank-") as scratch:
-                    job.method.run(job, Path(scratch))
+            if job.method.adapts:  # the others' share of the adaptation; what they produce is rank 0's to write
+                job.method.run(job.ctx, job.state)
             return None
         if world.size > 1 and not job.method.adapts:
-            job.note(f"note: --method {config.method} does not adapt: rank 0 merges alone")
+            job.ctx.note(f"note: --method {config.method} does not adapt: rank 0 merges alone")
+        result = job.method.run(job.ctx, job.state)
         with AtomicDirectory(config.out, config.force) as tmp:
-            summary = job.method.run(job, tmp)
-        job.note(f"wrote {config.out} ({summary}, {time.perf_counter() - job.started:.1f} s)")
+            write_result(job, result, tmp)
+        job.ctx.note(f"wrote {config.out} ({result.summary}, {time.perf_counter() - job.started:.1f} s)")
         return Path(config.out)
 
 
-__all__ = ["MergeJob", "load_task_heads", "plan", "prepare_job", "run_merge"]
+__all__ = ["MergeJob", "load_task_heads", "plan", "prepare_job", "run_merge", "write_result"]

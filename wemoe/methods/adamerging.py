@@ -1,6 +1,7 @@
 """AdaMerging (Yang et al., ICLR 2024, arXiv 2310.02575): task-arithmetic coefficients
-per task (``--granularity task``) or per task and tensor (``layer``), trained by entropy
-minimisation on unlabeled task data, then merged into a plain checkpoint in the base's scheme.
+per task (``--granularity task``) or per task and tensor (``layer``), trained by test-time
+adaptation on unlabeled task data (``--objective``, entropy by default), then merged into
+a plain checkpoint in the base's scheme.
 
 With ``--steps 0`` (or no data) the coefficients stay at ``--lambda`` and the output is
 exactly the task-arithmetic merge at that lambda.
@@ -10,15 +11,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import torch
 
-from wemoe.merging.engine import write_plain_merge
-from wemoe.merging.static import task_arithmetic
-from wemoe.methods.adaptive import HELP, data_plan, load_adaptation_data
-from wemoe.methods.registry import MergeMethod, param, register
-from wemoe.model.merged_coefficients import GRANULARITIES
+from wemoe.adaptation.data import HELP, AdaptationData, adaptation_record, data_plan, load_adaptation_data
+from wemoe.adaptation.loop import adapt_parameters
+from wemoe.adaptation.objectives import OBJECTIVES, Objective
+from wemoe.checkpoints.inputs import MergeInputs
+from wemoe.checkpoints.task_vectors import base_tensor, stacked_task_vectors
+from wemoe.core.params import component, param
+from wemoe.errors import UsageError
+from wemoe.methods.arithmetic import task_arithmetic
+from wemoe.methods.registry import MergeMethod, MethodContext, MethodResult, register
+from wemoe.model.coefficient_merged import GRANULARITIES, CoefficientMergedViT
 
 
 def weighted_task_arithmetic(base: torch.Tensor, taus, coefficients: torch.Tensor) -> torch.Tensor:
@@ -32,6 +38,25 @@ def weighted_task_arithmetic(base: torch.Tensor, taus, coefficients: torch.Tenso
     return total.add_(base)
 
 
+def coefficient_model(inputs: MergeInputs, granularity: str, init: float, device: str) -> CoefficientMergedViT:
+    """The trainable merge of ``inputs``: every floating-point tensor's base and task-vector stack."""
+    base, taus, fixed = {}, {}, {}
+    for key in inputs.base.keys():
+        b = base_tensor(inputs, key, device)
+        if inputs.base.dtype(key).is_floating_point:
+            base[key] = b
+            taus[key] = stacked_task_vectors(inputs, key, b, device)
+        else:
+            fixed[key] = b
+    return CoefficientMergedViT(inputs.base.arch, inputs.task_names, base, taus, fixed, granularity, init, device)
+
+
+@dataclass
+class State:
+    data: dict[str, AdaptationData]
+    objective: Objective
+
+
 @register
 class AdaMerging(MergeMethod):
     name = "adamerging"
@@ -42,80 +67,77 @@ class AdaMerging(MergeMethod):
     class Params:
         lam: float = param(0.3, "initial coefficient of every task vector", key="lambda")
         granularity: str = param("layer", "one coefficient per task (task) or per task and tensor (layer)", choices=GRANULARITIES)
+        objective: str = component(OBJECTIVES, "entropy", HELP["objective"])
         steps: int = param(500, HELP["steps"], low=0)
         lr: float = param(1e-3, HELP["lr"], low=0.0, low_open=True)
         batch_size: int = param(16, HELP["batch_size"], low=1)
         cosine: bool = param(False, HELP["cosine"])
         split: str = param("test", HELP["split"])
 
-    def prepare(self, job) -> None:
-        job.state["data"] = load_adaptation_data(job, job.params.split)
+    def prepare(self, ctx: MethodContext) -> State:
+        p = ctx.params
+        objective = OBJECTIVES.create(p.objective, p)
+        if objective.uses_routing:
+            raise UsageError(f"--objective {p.objective} trains routers; --method adamerging has none (use entropy)")
+        return State(load_adaptation_data(ctx.tasks, ctx.heads, p.split), objective)
 
-    def plan(self, job) -> list[str]:
-        p: AdaMerging.Params = job.params
-        steps = p.steps if job.state["data"] else 0
-        return [f"adapt:   {steps} steps, lr {p.lr}, {p.batch_size} images/task/step, cosine {p.cosine}", *data_plan(job, job.state["data"])]
+    def plan(self, ctx: MethodContext, state: State) -> list[str]:
+        p = ctx.params
+        steps = p.steps if state.data else 0
+        return [
+            f"adapt:   {steps} steps, lr {p.lr}, {p.batch_size} images/task/step, cosine {p.cosine}, objective {state.objective.name}",
+            *data_plan(state.data),
+        ]
 
-    def run(self, job, directory: Path) -> str:
-        from wemoe.adapt import adapt_parameters
-        from wemoe.model.merged_coefficients import CoefficientMergedViT
-
-        p: AdaMerging.Params = job.params
-        data = job.state["data"]
+    def run(self, ctx: MethodContext, state: State) -> MethodResult:
+        p = ctx.params
+        data = state.data
         steps = p.steps if data else 0
         if not data:
-            job.note("warning: no --data given: the coefficients stay at --lambda (task arithmetic)")
+            ctx.note("warning: no --data given: the coefficients stay at --lambda (task arithmetic)")
         started = time.perf_counter()
-        model = CoefficientMergedViT(job.inputs, p.granularity, p.lam, job.device)
+        model = coefficient_model(ctx.inputs, p.granularity, p.lam, ctx.device)
         result = None
         if data and steps:
             result = adapt_parameters(
                 model,
                 [model.raw],
-                job.heads,
+                ctx.heads,
                 {t: d.data for t, d in data.items()},
                 model.arch,
                 steps,
                 p.lr,
                 p.batch_size,
                 p.cosine,
-                job.seed,
-                job.device,
-                job.progress,
+                ctx.seed,
+                ctx.device,
+                ctx.progress,
                 desc="adapting coefficients",
+                objective=state.objective,
             )
         coefficients = model.coefficients().detach().cpu()
         per_key = {k: model.coefficients_of(k).cpu() for k in model.keys}
         adapt_seconds = time.perf_counter() - started
         del model
-        if not job.writes:  # a torchrun rank other than 0: its share of the adaptation is done
-            return "adapted"
 
-        def merge(key: str, base: torch.Tensor, taus) -> torch.Tensor:
+        def merge(key: str, base: torch.Tensor, taus: Any) -> torch.Tensor:
             return weighted_task_arithmetic(base, taus, per_key[key]) if key in per_key else base
 
-        record = {
-            "adamerging": {
-                "granularity": p.granularity,
-                "groups": ["all"] if p.granularity == "task" else list(per_key),
-                "coefficients": {t: [round(v, 6) for v in coefficients[i].tolist()] for i, t in enumerate(job.inputs.task_names)},
-                "adaptation": {
-                    "data": {t: d.record(p.split) for t, d in data.items()},
-                    "steps": steps,
-                    "lr": p.lr,
-                    "batch_size": p.batch_size,
-                    "cosine": p.cosine,
-                    "objective": "sum over tasks of mean prediction entropy",
-                    "initial_loss": result.initial_loss if result else None,
-                    "final_loss": result.final_loss if result else None,
-                },
-            }
+        section = {
+            "granularity": p.granularity,
+            "groups": ["all"] if p.granularity == "task" else list(per_key),
+            "coefficients": {t: [round(v, 6) for v in coefficients[i].tolist()] for i, t in enumerate(ctx.inputs.task_names)},
+            "adaptation": {
+                "data": adaptation_record(data, p.split),
+                "steps": steps,
+                "lr": p.lr,
+                "batch_size": p.batch_size,
+                "cosine": p.cosine,
+                "objective": state.objective.describe(),
+                "initial_loss": result.initial_loss if result else None,
+                "final_loss": result.final_loss if result else None,
+            },
         }
-        write_plain_merge(
-            job,
-            directory,
-            merge,
-            record_extra=record,
-            report_extra={"adapt_seconds": round(adapt_seconds, 3), "loss_curve": [round(v, 6) for v in result.losses] if result else []},
-        )
-        return f"adamerging ({p.granularity}-wise), {len(job.inputs.tasks)} tasks, {steps} adaptation steps"
+        report = {"adapt_seconds": round(adapt_seconds, 3), "loss_curve": [round(v, 6) for v in result.losses] if result else []}
+        summary = f"adamerging ({p.granularity}-wise), {len(ctx.inputs.tasks)} tasks, {steps} adaptation steps"
+        return MethodResult(summary, merge=merge, section=section, report=report)

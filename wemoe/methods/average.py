@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from wemoe.merging.engine import StaticMethod, TensorMerge
-from wemoe.merging.static import average
-from wemoe.methods.registry import register
+from wemoe.methods.arithmetic import average
+from wemoe.methods.registry import TensorMerge, register
+from wemoe.methods.static import StaticMethod
 
 
 @register

@@ -1,15 +1,26 @@
-"""The method registry: a merge method is one class with a typed parameter object.
+"""The method registry and the contract every merge method keeps.
 
 A method declares its name, a frozen dataclass of parameters (defaults, ranges,
-help, in the field metadata written by :func:`param`) and how it runs. Everything
-user-facing is generated from these declarations: the CLI's ``--method`` choices
-and flags, the YAML keys, the dry-run plan and config.json's ``parameters``.
-Whether an option applies to a method is decided here and nowhere else.
+help, in the field metadata written by :func:`~wemoe.core.params.param`; a
+:func:`~wemoe.core.params.component` field picks a router, expert store or
+objective and brings that registry's options along) and three steps:
+
+* ``prepare(ctx) -> state``: the method's own checks and loading, before any
+  compute (and before a dry run's plan); returns its typed state;
+* ``plan(ctx, state) -> lines`` for the dry run;
+* ``run(ctx, state) -> MethodResult``: the merge, as a tensor-by-tensor function
+  (``produces = "plain"``) or a module (``produces = "moe"``), with the method's
+  record section and report. Methods never write: the job (``wemoe.merging.job``)
+  writes the output, and only on the process that writes.
+
+Everything user-facing is generated from these declarations: the CLI's
+``--method`` choices and flags, the YAML keys, the dry-run plan and config.json's
+``parameters``. Whether an option applies to a method is decided here and nowhere else.
 
 Adding a method is one module::
 
     @register
-    class Scaled(MergeMethod):
+    class Scaled(StaticMethod):
         name = "scaled"
         summary = "theta_0 + alpha * mean of the task vectors"
 
@@ -17,175 +28,100 @@ Adding a method is one module::
         class Params:
             alpha: float = param(0.5, "scale of the mean task vector", low=0.0)
 
-        def run(self, job, directory): ...
+        def tensor_merge(self, params): ...
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, get_type_hints
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
-from wemoe.errors import UsageError, WemoeError
+import click
+import torch
+from torch import nn
 
-if TYPE_CHECKING:
-    from wemoe.merging.job import MergeJob
+from wemoe.checkpoints.inputs import MergeInputs
+from wemoe.core.params import ParamInfo, build_values, check_component_options, param_infos, params_class, record_of
+from wemoe.core.tasks import TaskSpec
+from wemoe.errors import UsageError
+from wemoe.model.heads import Head
 
-_META = "wemoe"
+# (canonical key, base tensor, task vectors of that tensor) -> merged tensor
+TensorMerge = Callable[[str, torch.Tensor, Iterable[torch.Tensor]], torch.Tensor]
+OutputKind = Literal["plain", "moe"]
 
 
-@dataclass(frozen=True)
-class ParamInfo:
-    """One parameter as the CLI, YAML and config.json see it."""
+@dataclass
+class MethodContext:
+    """What a method is given: validated inputs and heads, the task specs, its parameters, where to compute."""
 
-    field: str  # attribute of the Params dataclass
-    key: str  # YAML key and config.json name ("lambda" for the field ``lam``)
-    type: type  # float, int, bool or str
-    default: Any
-    help: str
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False  # low is excluded (> rather than >=)
-    choices: tuple[str, ...] | None = None
-    check: Callable[[Any], None] | None = None  # raises WemoeError for a bad value (structured strings)
+    inputs: MergeInputs
+    tasks: list[TaskSpec]
+    heads: dict[str, Head]
+    params: Any
+    device: str = "cpu"
+    seed: int = 0
+    quiet: bool = False
 
     @property
-    def flag(self) -> str:
-        return "--" + self.key.replace("_", "-")
+    def progress(self) -> bool:
+        return not self.quiet
 
-    def coerce(self, value: Any, where: str) -> Any:
-        """``value`` (from a flag, YAML or a keyword argument) as this parameter's type, range-checked."""
-        if self.type is bool:
-            if isinstance(value, bool):
-                return value
-            raise WemoeError(f"{where} must be true or false, got {value!r}")
-        if self.type in (int, float):
-            if isinstance(value, bool):
-                raise WemoeError(f"{where} must be a number, got {value!r}")
-            try:
-                # YAML reads 1e-4 (no dot) as a string; an int parameter refuses 2.5 but takes 2.0
-                number = float(value) if self.type is float else _as_int(value)
-            except (TypeError, ValueError):
-                kind = "a number" if self.type is float else "an integer"
-                raise WemoeError(f"{where} must be {kind}, got {value!r}") from None
-            if not math.isfinite(number):
-                raise WemoeError(f"{where} must be a finite number, got {value}")
-            self._check_range(number, where)
-            return number
-        if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            value = ",".join(str(v) for v in value)  # YAML [0, 3, 5] means 0,3,5
-        if isinstance(value, (dict, list, tuple, bool)) or value is None:
-            raise WemoeError(f"{where} must be a single value, got {value!r}")
-        value = str(value)
-        if self.choices is not None and value not in self.choices:
-            raise WemoeError(f"{where} must be one of {', '.join(self.choices)}, got {value!r}")
-        if self.check is not None:
-            self.check(value)
-        return value
+    def note(self, message: str) -> None:
+        if not self.quiet:
+            click.echo(message, err=True)
 
-    def _check_range(self, number: float, where: str) -> None:
-        if self.low is not None and (number <= self.low if self.low_open else number < self.low):
-            raise WemoeError(f"{where} must be {'>' if self.low_open else '>='} {self.low:g}, got {number:g}")
-        if self.high is not None and number > self.high:
-            raise WemoeError(f"{where} must be <= {self.high:g}, got {number:g}")
-
-    def describe_range(self) -> str:
-        if self.choices:
-            return "|".join(self.choices)
-        parts = []
-        if self.low is not None:
-            parts.append(f"{'>' if self.low_open else '>='}{self.low:g}")
-        if self.high is not None:
-            parts.append(f"<={self.high:g}")
-        return ", ".join(parts)
+    def warn(self, message: str) -> None:
+        click.echo(f"wemoe: warning: {message}", err=True)  # shown even with --quiet
 
 
-def _as_int(value: Any) -> int:
-    number = float(value) if not isinstance(value, int) else value
-    if number != int(number):
-        raise ValueError(value)
-    return int(number)
+@dataclass
+class MethodResult:
+    """What a method produced; the job turns it into the output directory.
 
+    ``merge`` (plain outputs): the merged tensor from a base tensor and its task vectors,
+    streamed by the job over every tensor in the base's own key scheme. ``module``
+    (mixture-of-experts outputs): the module whose state is written. ``section``: the
+    method's record (config.json, under the method's name; a mixture's under ``wemoe``).
+    """
 
-def param(
-    default: Any,
-    help: str,
-    *,
-    key: str | None = None,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    choices: Iterable[str] | None = None,
-    check: Callable[[Any], None] | None = None,
-) -> Any:
-    """A dataclass field that carries what the CLI and YAML need to know about it."""
-    meta = {
-        "help": help,
-        "key": key,
-        "low": low,
-        "high": high,
-        "low_open": low_open,
-        "choices": tuple(choices) if choices is not None else None,
-        "check": check,
-    }
-    return dataclasses.field(default=default, metadata={_META: meta})
-
-
-def param_infos(params_cls: type) -> tuple[ParamInfo, ...]:
-    hints = get_type_hints(params_cls)
-    infos = []
-    for f in dataclasses.fields(params_cls):
-        meta = f.metadata.get(_META)
-        if meta is None:
-            raise TypeError(f"{params_cls.__qualname__}.{f.name} must be declared with wemoe.methods.param()")
-        kind = hints[f.name]
-        if kind not in (bool, int, float, str):
-            raise TypeError(f"{params_cls.__qualname__}.{f.name}: parameters are bool, int, float or str, not {kind}")
-        infos.append(
-            ParamInfo(
-                field=f.name,
-                key=meta["key"] or f.name,
-                type=kind,
-                default=f.default,
-                help=meta["help"],
-                low=meta["low"],
-                high=meta["high"],
-                low_open=meta["low_open"],
-                choices=meta["choices"],
-                check=meta["check"],
-            )
-        )
-    return tuple(infos)
+    summary: str
+    merge: TensorMerge | None = None
+    module: nn.Module | None = None
+    section: dict[str, Any] | None = None
+    report: dict[str, Any] = field(default_factory=dict)
 
 
 class MergeMethod:
     """Base class of every merge method; subclasses are registered with :func:`register`.
 
     ``adapts``: the method trains coefficients on unlabeled task data, so it takes
-    ``--data`` (and needs a head for every task it adapts on).
+    ``--data`` (and needs a head for every task it adapts on). ``produces``: a plain
+    checkpoint in the base's key scheme, or a mixture-of-experts module (``wemoe.load``
+    rebuilds it).
     """
 
     name: ClassVar[str]
     summary: ClassVar[str]
     Params: ClassVar[type]
     adapts: ClassVar[bool] = False
+    produces: ClassVar[OutputKind] = "plain"
 
     @classmethod
     def params(cls) -> tuple[ParamInfo, ...]:
         return param_infos(cls.Params)
 
-    def prepare(self, job: MergeJob) -> None:
-        """Method-specific validation and loading, before any compute (and before a dry run's plan)."""
+    def prepare(self, ctx: MethodContext) -> Any:
+        """Method-specific validation and loading, before any compute; returns the method's state."""
+        return None
 
-    def plan(self, job: MergeJob) -> list[str]:
+    def plan(self, ctx: MethodContext, state: Any) -> list[str]:
         """Lines the dry run prints below the common plan."""
         return []
 
-    def run(self, job: MergeJob, directory: Path) -> None:
-        """Compute the merge and write every output file into ``directory`` (a temporary one)."""
+    def run(self, ctx: MethodContext, state: Any) -> MethodResult:
         raise NotImplementedError
 
 
@@ -199,6 +135,8 @@ def register(cls: type[MergeMethod]) -> type[MergeMethod]:
         raise TypeError(f"{cls.__qualname__} needs a name")
     if not dataclasses.is_dataclass(getattr(cls, "Params", None)):
         raise TypeError(f"{cls.__qualname__}.Params must be a dataclass")
+    if cls.produces not in ("plain", "moe"):
+        raise TypeError(f"{cls.__qualname__}.produces must be 'plain' or 'moe'")
     infos = cls.params()
     for info in infos:  # one key means one thing across methods: same type everywhere
         for other in REGISTRY.values():
@@ -232,43 +170,47 @@ def all_params() -> dict[str, list[tuple[str, ParamInfo]]]:
 
 
 def build_params(method: str, given: dict[str, Any], origin: Callable[[str], str] | None = None) -> Any:
-    """The method's Params from ``given`` (parameter keys; unset ones take the defaults).
+    """The method's parameters from ``given`` (parameter keys; unset ones take the defaults).
 
-    The one place that decides whether an option applies to a method: a key that
-    another method declares is refused naming the methods it belongs to.
+    The one place that decides whether an option applies to a method (a key another
+    method declares is refused naming the methods it belongs to) and to the kind a
+    component selects (``--gate-rank`` with ``--router mlp`` is refused naming the
+    router kinds that take it).
     """
     cls = get_method(method)
-    infos = {i.key: i for i in cls.params()}
-    by_field = {i.field: i for i in infos.values()}
+    infos = cls.params()
     known = all_params()
-    values: dict[str, Any] = {}
-    for key, value in given.items():
-        info = infos.get(key) or by_field.get(key)
-        where = origin(key) if origin else ParamInfo(key, key, str, None, "").flag
-        if info is None:
-            if key in known:
-                owners = ", ".join(m for m, _ in known[key])
-                raise UsageError(f"{where} only applies to --method {owners}")
-            raise UsageError(f"unknown parameter '{key}' for method {method}")
-        values[info.field] = info.coerce(value, where)
-    return cls.Params(**values)
+    where = origin or (lambda key: "--" + key.replace("_", "-"))
+
+    def unknown(key: str) -> None:
+        if key in known:
+            owners = ", ".join(m for m, _ in known[key])
+            raise UsageError(f"{where(key)} only applies to --method {owners}")
+        raise UsageError(f"unknown parameter '{key}' for method {method}")
+
+    values = build_values(infos, given, where, unknown)
+    params = params_class(cls.Params)(**values)
+    by_field = {i.field: i.key for i in infos if i.component is None}
+    check_component_options(infos, params, [by_field.get(k, k) for k in given], where)
+    return params
 
 
 def params_record(params: Any) -> dict[str, Any]:
     """config.json's ``parameters``: every parameter of the method under its key."""
-    return {info.key: getattr(params, info.field) for info in param_infos(type(params))}
+    return record_of(params)
 
 
 __all__ = [
-    "MergeMethod",
-    "ParamInfo",
     "REGISTRY",
+    "MergeMethod",
+    "MethodContext",
+    "MethodResult",
+    "OutputKind",
+    "TensorMerge",
     "all_params",
     "build_params",
     "get_method",
     "method_names",
-    "param",
-    "param_infos",
     "params_record",
     "register",
 ]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from wemoe.merging.engine import StaticMethod, TensorMerge
-from wemoe.merging.static import task_arithmetic
-from wemoe.methods.registry import param, register
+from wemoe.core.params import param
+from wemoe.methods.arithmetic import task_arithmetic
+from wemoe.methods.registry import TensorMerge, register
+from wemoe.methods.static import StaticMethod
 
 LAMBDA_HELP = "scale of the summed task vectors"
 

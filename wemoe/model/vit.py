@@ -5,7 +5,7 @@ merged model behaves identically whatever layout it came from. The encoder is
 assembled from factories, timm-style: ``block_fn`` makes each block, and a block
 makes its attention and MLP linears with a ``linear`` factory. A plain ViT uses
 :class:`Linear`; a WEMoE block passes a factory of routed linears
-(``wemoe.model.routed``) for the sub-layers it routes. Every linear takes the
+(``wemoe.moe.routed``) for the sub-layers it routes. Every linear takes the
 routing coefficients of its group as a second argument (plain ones ignore it), so
 the block loop below is the only one, for plain and mixture models alike.
 """
@@ -18,12 +18,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wemoe.arch import TextArch, ViTArch
+from wemoe.core.arch import TextArch, ViTArch
 from wemoe.errors import WemoeError
-from wemoe.heads import Head
 from wemoe.model.activations import get_activation
+from wemoe.model.heads import Head
 
 LinearFactory = Callable[[int, int], nn.Module]  # (in_features, out_features) -> module(x, coefs)
+NormFactory = Callable[..., nn.Module]  # (width, eps=...) -> module(x, coefs)
 
 
 class Linear(nn.Linear):
@@ -62,13 +63,27 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, d), coefs)
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` that accepts (and ignores) routing coefficients."""
+
+    def forward(self, x: torch.Tensor, coefs: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x)
+
+
 class RoutingTrace:
     """What a forward pass routed: the (B, T) coefficients of every routed group, in routing order, and
-    (when ``keep_inputs``) the token-mean of each group's router input, (B, D)."""
+    (when ``keep_inputs``) the token-mean of each group's router input, (B, D).
 
-    def __init__(self, keep_inputs: bool = False):
+    ``given`` (B, T): coefficients known before the pass (a router computed once per image, or
+    fixed routing) that every routed part uses instead of asking its block's routers.
+    """
+
+    def __init__(self, keep_inputs: bool = False, given: torch.Tensor | None = None):
         self.routes: list[torch.Tensor] = []
         self.inputs: list[torch.Tensor] | None = [] if keep_inputs else None
+        self.given = given
+        self.posterior: torch.Tensor | None = None  # (B, T) a shared router's task posterior
+        self.unseen: torch.Tensor | None = None  # (B,) bool: images it served as belonging to no merged task
 
     def record(self, h: torch.Tensor, coefs: torch.Tensor) -> None:
         self.routes.append(coefs)
@@ -79,21 +94,33 @@ class RoutingTrace:
 class Block(nn.Module):
     """Pre-norm transformer block. A ``trace`` collects routing; plain blocks add nothing to it."""
 
-    def __init__(self, arch: ViTArch | TextArch, attn_linear: LinearFactory = Linear, mlp_linear: LinearFactory = Linear, causal: bool = False):
+    def __init__(
+        self,
+        arch: ViTArch | TextArch,
+        attn_linear: LinearFactory = Linear,
+        mlp_linear: LinearFactory = Linear,
+        causal: bool = False,
+        norm: NormFactory = LayerNorm,
+    ):
         super().__init__()
-        self.norm1 = nn.LayerNorm(arch.width, eps=arch.layer_norm_eps)
+        self.norm1 = norm(arch.width, eps=arch.layer_norm_eps)
         self.attn = Attention(arch.width, arch.heads, attn_linear, causal)
-        self.norm2 = nn.LayerNorm(arch.width, eps=arch.layer_norm_eps)
+        self.norm2 = norm(arch.width, eps=arch.layer_norm_eps)
         self.mlp = Mlp(arch.width, arch.mlp_width, arch.activation, mlp_linear)
 
-    def coefficients(self, group: str, h: torch.Tensor) -> torch.Tensor | None:
-        """Routing coefficients of ``group`` ("attn" or "mlp") for its input ``h``; None when not routed."""
+    def coefficients(self, group: str, h: torch.Tensor, given: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Routing coefficients of ``group`` ("attn" or "mlp") for its input ``h`` (or from ``given``); None when not routed."""
         return None
 
     def forward(self, x: torch.Tensor, trace: RoutingTrace | None = None) -> torch.Tensor:
+        given = trace.given if trace is not None else None
         for group, norm, layer in (("attn", self.norm1, self.attn), ("mlp", self.norm2, self.mlp)):
-            h = norm(x)
-            c = self.coefficients(group, h)
+            if given is None:  # the block's routers read the sub-layer's input
+                h = norm(x)
+                c = self.coefficients(group, h)
+            else:  # known before the sub-layer: its norm can be routed too
+                c = self.coefficients(group, x, given)
+                h = norm(x, c)
             if trace is not None and c is not None:
                 trace.record(h, c)
             x = x + layer(h, c)
@@ -125,17 +152,23 @@ class VisionTransformer(nn.Module):
         self.task_names: list[str] = []  # the tasks a merge was made for (experts' order in WEMoE)
         self.heads: dict[str, Head] = {}  # task classification heads on the image embedding
 
-    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+    def tokens(self, images: torch.Tensor, given: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch tokens with the class token and positions; ``given``: coefficients of routed embeddings (none here)."""
         x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         return self.norm_pre(x + self.pos_embed.to(x.dtype))
 
+    def embedding(self, cls: torch.Tensor, given: torch.Tensor | None = None) -> torch.Tensor:
+        """The image embedding from the last class token: final norm and projection."""
+        return self.head(self.norm(cls))
+
     def encode(self, images: torch.Tensor, trace: RoutingTrace | None = None) -> torch.Tensor:
         """Image embedding; what every routed group routed is recorded in ``trace``."""
-        x = self.tokens(images)
+        given = trace.given if trace is not None else None
+        x = self.tokens(images, given)
         for block in self.blocks:
             x = block(x, trace)
-        return self.head(self.norm(x[:, 0]))
+        return self.embedding(x[:, 0], given)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.encode(images)

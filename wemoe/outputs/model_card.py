@@ -1,0 +1,168 @@
+"""The model card (``README.md``) of an output directory, rendered from its record.
+
+The convention users know from model hubs: what the model is (method, tasks in
+expert order, inputs with their sha256, parameters), how well it does when that
+was measured, and how to load it. Written by ``write_output`` for every method;
+``wemoe eval --card`` rewrites it with the accuracies it measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from wemoe.outputs.layout import CARD_FILE, MOE_SECTION
+
+EXPORT_SUMMARY = "one task's mean routing of a WEMoE model baked into a plain ViT (`wemoe export`)"
+
+# task -> {"accuracy": float in [0, 1], "n": images, "data": path}
+Accuracy = Mapping[str, Mapping[str, Any]]
+
+
+def _method_section(record: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The method's own record: a mixture's description, else the section under the method's name."""
+    moe = record.get(MOE_SECTION)
+    section = moe if isinstance(moe, Mapping) else record.get(str(record.get("method")))
+    return section if isinstance(section, Mapping) else {}
+
+
+def _value(v: Any) -> str:
+    text = v if isinstance(v, str) else json.dumps(v)
+    return f"`{text}`".replace("|", "\\|")
+
+
+def _digest(sha256: Any) -> str:
+    return "(a folder: not hashed)" if sha256 == "directory" else f"`{sha256}`"
+
+
+def _inputs(record: Mapping[str, Any]) -> list[str]:
+    inputs = record.get("inputs") or {}
+    tasks = inputs.get("tasks") or {}
+    heads = set(record.get("heads") or [])
+    lines = ["## Tasks, in expert order", "", "| # | task | checkpoint | scheme | sha256 | head |", "|---|---|---|---|---|---|"]
+    for i, name in enumerate(record.get("tasks") or []):
+        t = tasks.get(name, {})
+        lines.append(f"| {i} | {name} | `{t.get('path', '-')}` | {t.get('scheme', '-')} | `{t.get('sha256', '-')}` | {'yes' if name in heads else 'no'} |")
+    base = inputs.get("base")
+    if base:
+        lines += ["", f"Base: `{base.get('path')}` ({base.get('scheme')}), sha256 `{base.get('sha256')}`."]
+    if record.get("source"):
+        lines += ["", f"Exported from `{record['source']}`."]
+    return lines
+
+
+def _parameters(record: Mapping[str, Any]) -> list[str]:
+    params = record.get("parameters") or {}
+    lines = ["## Parameters", "", "| parameter | value |", "|---|---|"]
+    lines += [f"| {k} | {_value(v)} |" for k, v in params.items()]
+    lines += [f"| seed | `{record.get('seed')}` |"] if "seed" in record else []
+    adaptation = (_method_section(record)).get("adaptation") or {}
+    data = adaptation.get("data") or {}
+    if data:
+        lines += ["", "Adapted on (unlabeled use of the images):", "", "| task | data | sha256 | split | images |", "|---|---|---|---|---|"]
+        lines += [f"| {t} | `{d.get('path')}` | {_digest(d.get('sha256'))} | {d.get('split')} | {d.get('images')} |" for t, d in data.items()]
+        if adaptation.get("final_loss") is not None:
+            lines += ["", f"Adaptation loss {adaptation.get('initial_loss'):.4f} -> {adaptation.get('final_loss'):.4f} in {adaptation.get('steps')} steps."]
+    return lines
+
+
+def _accuracy(accuracy: Accuracy | None) -> list[str]:
+    lines = ["## Accuracy", ""]
+    if not accuracy:
+        return lines + ["Not measured yet: `wemoe eval MODEL_DIR --task NAME=:DATA ... --card` evaluates labelled data and records the result here."]
+    agnostic = all("joint_accuracy" in r for r in accuracy.values())
+    mean = lambda key: sum(r[key] for r in accuracy.values()) / len(accuracy)
+    if not agnostic:
+        lines += ["| task | accuracy | images | data |", "|---|---|---|---|"]
+        lines += [f"| {t} | {100 * r['accuracy']:.2f}% | {r.get('n', '-')} | `{r.get('data', '-')}` |" for t, r in accuracy.items()]
+        return lines + [f"| **average** | **{100 * mean('accuracy'):.2f}%** | | |"]
+    lines += [
+        "Accuracy with each task's head given, and task-agnostic (the model's task posterior picks the head): how often it names the "
+        "image's task, and how often task and class are both right.",
+        "",
+        "| task | accuracy | task identified | joint (task-agnostic) | images | data |",
+        "|---|---|---|---|---|---|",
+    ]
+    for t, r in accuracy.items():
+        scores = " | ".join(f"{100 * r[k]:.2f}%" for k in ("accuracy", "task_accuracy", "joint_accuracy"))
+        lines.append(f"| {t} | {scores} | {r.get('n', '-')} | `{r.get('data', '-')}` |")
+    return lines + [
+        f"| **average** | **{100 * mean('accuracy'):.2f}%** | **{100 * mean('task_accuracy'):.2f}%** | **{100 * mean('joint_accuracy'):.2f}%** | | |"
+    ]
+
+
+def _loading(record: Mapping[str, Any]) -> list[str]:
+    scheme = record.get("scheme")
+    moe = isinstance(record.get(MOE_SECTION), Mapping)
+    lines = [
+        "## How to load",
+        "",
+        "```python",
+        "import wemoe",
+        'model = wemoe.load("MODEL_DIR")          # no source checkpoints, no network, no transformers',
+        "features = model(images)                 # preprocessed (B, 3, H, W) -> (B, E) image embedding",
+    ]
+    if record.get("heads"):
+        lines.append(f'logits = model.logits(images, "{record["heads"][0]}")  # with that task\'s stored head')
+    lines += [
+        "",
+        "# in an open_clip pipeline: encode_image runs this model, the text tower stays",
+        "from wemoe.integrations.open_clip import use_merged_visual",
+        'use_merged_visual(clip_model, "MODEL_DIR")',
+    ]
+    if not moe:
+        lines += [
+            "",
+            "# a timm VisionTransformer of the same architecture",
+            "from wemoe.integrations.timm import use_merged_weights",
+            'use_merged_weights(timm_model, "MODEL_DIR")',
+        ]
+        if scheme == "hf_clip":
+            lines += [
+                "",
+                "# transformers (config.json is the model's own)",
+                "from transformers import CLIPVisionModelWithProjection",
+                'hf = CLIPVisionModelWithProjection.from_pretrained("MODEL_DIR")',
+            ]
+    lines.append("```")
+    if moe:
+        lines += ["", "A mixture of experts routed per sample: only wemoe rebuilds it (`wemoe export --task NAME` writes a plain ViT for one task)."]
+    else:
+        lines += ["", f"A plain ViT in the {scheme} key scheme: its library loads `model.safetensors` with strict key matching."]
+    return lines
+
+
+def render_card(record: Mapping[str, Any], summary: str, accuracy: Accuracy | None = None) -> str:
+    """The card's text; deterministic for a given record (no timings). ``summary``: what the method is, in one line."""
+    method = str(record.get("method"))
+    tasks = record.get("tasks") or []
+    arch = record.get("architecture") or {}
+    head = [
+        f"# {method} merge of {len(tasks)} task{'s' if len(tasks) != 1 else ''}: {', '.join(tasks)}",
+        "",
+        f"Written by wemoe {(record.get('versions') or {}).get('wemoe', '')}: {summary}.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| method | `{method}` |",
+        f"| architecture | width {arch.get('width')}, depth {arch.get('depth')}, patch {arch.get('patch_size')}, image {arch.get('image_size')}, "
+        f"embed {arch.get('embed_dim')}, activation {arch.get('activation')} |",
+        f"| key scheme | {record.get('scheme')} |",
+        f"| dtype | {record.get('dtype')} |",
+    ]
+    parts = [head, _inputs(record), _parameters(record), _accuracy(accuracy), _loading(record)]
+    return "\n\n".join("\n".join(p) for p in parts) + "\n"
+
+
+def write_card(directory: Path, record: Mapping[str, Any], summary: str, accuracy: Accuracy | None = None) -> None:
+    """Write (or replace, atomically) ``directory/README.md``."""
+    path = directory / CARD_FILE
+    tmp = path.with_name(f".{CARD_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(render_card(record, summary, accuracy))
+    os.replace(tmp, path)
+
+
+__all__ = ["EXPORT_SUMMARY", "render_card", "write_card"]
