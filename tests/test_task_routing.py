@@ -144,8 +144,23 @@ def test_exemplar_router_votes_among_stored_embeddings(setup, capsys):
     tmp, base, tasks, heads, data = setup
     out = tmp / "exemplar"
     code, _, err = merge_cli(
-        capsys, base, tasks, "wemoe", out, "--router", "exemplar", "--router-images", "20", "--router-neighbours", "5", "--steps", "0", "--split", "train",
-        heads=heads, data=data,
+        capsys,
+        base,
+        tasks,
+        "wemoe",
+        out,
+        "--router",
+        "exemplar",
+        "--router-images",
+        "20",
+        "--router-neighbours",
+        "5",
+        "--steps",
+        "0",
+        "--split",
+        "train",
+        heads=heads,
+        data=data,
     )
     assert code == 0, err
     model = wemoe.load(out)
