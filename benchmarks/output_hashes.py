@@ -1,7 +1,7 @@
 """Hashes of every merge output the accuracy table is made from: proof that a refactor changed no byte.
 
     python -m benchmarks.output_hashes --write FILE          # run every recorded merge, write the hashes
-    python -m benchmarks.output_hashes --check FILE          # run them again, compare, exit 1 on a difference
+    python -m benchmarks.output_hashes --check FILE          # run FILE's merges again, compare, exit 1 on a difference
     python -m benchmarks.output_hashes --extended ...        # the `--extended` rows too (about 40 minutes)
 
 The merges are the exact `wemoe merge` command lines recorded in
@@ -88,13 +88,13 @@ def rows(extended: bool) -> dict[str, list[str]]:
     return out
 
 
-def run_all(extended: bool, only: list[str] | None = None) -> dict[str, dict]:
+def run_all(merges: dict[str, list[str]], only: list[str] | None = None) -> dict[str, dict]:
     from wemoe.cli import main as wemoe_main
 
     results: dict[str, dict] = {}
     os.chdir(REPO)  # the recorded paths are relative to the repository
     with tempfile.TemporaryDirectory(prefix="wemoe-hashes-") as scratch:
-        for key, args in rows(extended).items():
+        for key, args in merges.items():
             if only and key not in only:
                 continue
             out = Path(scratch) / key
@@ -106,7 +106,7 @@ def run_all(extended: bool, only: list[str] | None = None) -> dict[str, dict]:
             except SystemExit as exc:
                 if exc.code:
                     raise RuntimeError(f"{key}: wemoe merge exited {exc.code}") from None
-            results[key] = {"record": stable_record(out), "tensors": tensor_hashes(out)}
+            results[key] = {"args": list(merges[key]), "record": stable_record(out), "tensors": tensor_hashes(out)}
     return results
 
 
@@ -131,17 +131,20 @@ def main(argv: list[str] | None = None) -> int:
     group = ap.add_mutually_exclusive_group(required=True)
     group.add_argument("--write", type=Path, help="write the hashes to this JSON file")
     group.add_argument("--check", type=Path, help="compare with the hashes in this JSON file")
-    ap.add_argument("--extended", action="store_true", help="the --extended rows too")
+    ap.add_argument("--extended", action="store_true", help="--write: the --extended rows too")
     ap.add_argument("--only", nargs="+", help="only these rows")
     args = ap.parse_args(argv)
     os.environ.setdefault("TQDM_MININTERVAL", "5")
     target = (args.write or args.check).resolve()
-    now = run_all(args.extended, args.only)
+    reference = json.loads(target.read_text()) if args.check else {}
+    # --write: the merges accuracy.json records; --check: the ones the reference file ran (the table may have moved on)
+    merges = {k: v["args"] for k, v in reference.items()} if args.check else rows(args.extended)
+    now = run_all(merges, args.only)
     if args.write:
         target.write_text(json.dumps(now, indent=1, sort_keys=True) + "\n")
         print(f"wrote hashes of {len(now)} merges to {target}")
         return 0
-    problems = compare(json.loads(target.read_text()), now)
+    problems = compare(reference, now)
     for p in problems:
         print(f"DIFFERENT: {p}")
     print(f"{len(now)} merges compared: {'all identical' if not problems else f'{len(problems)} different'}")

@@ -38,20 +38,20 @@ def test_recipe_line_without_replay_and_without_recipe() -> None:
 
 
 def test_guard_line_reads_each_rows_guard_from_its_arguments() -> None:
-    from benchmarks.accuracy.rows import BEST, EXTENDED_WEMOE, PAPER
+    from benchmarks.accuracy.rows import EXTENDED_WEMOE, PAPER
 
     r = report(None)
     for key, (text, flags), average in (
         ("wemoe", PAPER, 0.70),
         ("wemoe-straight-through", EXTENDED_WEMOE["wemoe-straight-through"], 0.71),
-        ("wemoe-best", BEST, 0.80),
-        ("wemoe-best-clamp", EXTENDED_WEMOE["wemoe-best-clamp"], 0.60),
+        ("wemoe-block-routers", EXTENDED_WEMOE["wemoe-block-routers"], 0.80),
+        ("wemoe-block-routers-clamp", EXTENDED_WEMOE["wemoe-block-routers-clamp"], 0.60),
     ):
         r["methods"][key] = {"per_task": {"a": average, "b": average}, "average": average, "label": text, "args": [str(f) for f in flags]}
         r["methods"][key].update(steps=100, seconds=1.0, initial_loss=1.0, final_loss=0.5, objective="task", warnings=[])
     line = next(x for x in markdown(r).splitlines() if x.startswith("- Coefficient guard"))
     assert "wemoe 70.0 (clamp) vs 71.0 (straight-through)" in line
-    assert "wemoe-best 80.0 (straight-through) vs 60.0 (clamp)" in line
+    assert "wemoe-block-routers 80.0 (straight-through) vs 60.0 (clamp)" in line
 
 
 def test_recommended_config_file_is_the_recommended_row() -> None:

@@ -62,7 +62,7 @@ def test_shipped_zoo_config_is_the_recommended_merge_and_dry_runs(tmp_path, caps
 
     cfg = merge_config(CONFIGS / "zoo_wemoe.yaml")
     p = cfg.params
-    assert cfg.method == "wemoe" and (p.experts, p.expert_rank, p.objective, p.split, p.coef_guard) == ("mlp,attn", "16", "task", "train", "straight-through")
+    assert cfg.method == "wemoe" and (p.experts, p.expert_rank, p.router, p.router_images, p.steps, p.split) == ("all", "16", "task", 3000, 0, "train")
     assert len(cfg.tasks) == 8 and all(t.head and t.data for t in cfg.tasks)
     root = tmp_path / "repo"
     (root / "configs").mkdir(parents=True)
@@ -83,7 +83,7 @@ def test_shipped_zoo_config_is_the_recommended_merge_and_dry_runs(tmp_path, caps
         np.savez(data, x_train=rng.integers(0, 255, (12, 32, 32, 3), dtype=np.uint8), y_train=rng.integers(0, 3, 12))
     code, out, err = run_cli(capsys, "merge", "--config", root / "configs" / "zoo_wemoe.yaml", "--dry-run", "-q")
     assert code == 0, err
-    assert "method:  wemoe" in out and "expert_rank=16" in out and "objective=task" in out and "routed attn,mlp" in out
+    assert "method:  wemoe" in out and "expert_rank=16" in out and "router=task" in out and "routed attn,mlp + norms, embeddings, projection" in out
     assert out.count("data:    ") == 8 and not (root / "out").exists()
     opts = eval_options_from_yaml({"tasks": ()}, root / "configs" / "zoo_wemoe.yaml")
     assert opts["model"].endswith("out/zoo_wemoe") and len(opts["tasks"]) == 8

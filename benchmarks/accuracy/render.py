@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from benchmarks.accuracy.rows import EXTENDED_WEMOE
 from benchmarks.common import RESULTS, replace_readme_block
+from wemoe.evaluation.routing import confusion_heatmap
 from wemoe.moe.block import DEFAULT_COEF_GUARD
 
 ORDER = [
@@ -46,99 +49,21 @@ def guard_of(m: dict) -> str:
     return args[args.index("--coef-guard") + 1] if "--coef-guard" in args else DEFAULT_COEF_GUARD
 
 
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
 def markdown(report: dict) -> str:
     tasks, methods = report["tasks"], report["methods"]
-    head = "| method | " + " | ".join(tasks) + " | **avg** | routing acc. |"
-    lines = [head, "|" + "---|" * (len(tasks) + 3)]
+    head = "| method | " + " | ".join(tasks) + " | **avg** | routing acc. | joint, task-agnostic |"
+    lines = [head, "|" + "---|" * (len(tasks) + 4)]
     for name in ORDER:
         if name in methods:
             m = methods[name]
             cells = " | ".join(f"{100 * m['per_task'][t]:.1f}" for t in tasks)
             routed = f"{100 * m['routing_accuracy']['average']:.1f}%" if "routing_accuracy" in m else ""
-            lines.append(f"| {label(name, m)} | {cells} | **{100 * m['average']:.1f}** | {routed} |")
-    ind = methods["individual"]["average"]
-    notes = []
-    if "task-arithmetic" in methods and "pretrained" in methods:
-        ta, pre = methods["task-arithmetic"]["average"], methods["pretrained"]["average"]
-        notes.append(
-            f"- Task arithmetic (best lambda) is {100 * (ta - pre):+.1f} points against the pretrained base and {100 * (ta - ind):+.1f} against the individual models."
-        )
-        for key in ("adamerging-layer", "wemoe", "wemoe-best"):
-            if key in methods:
-                w = methods[key]["average"]
-                notes.append(
-                    f"- {label(key, methods[key])}: {100 * w / ind:.1f}% of the individual models' average, {100 * (w - ta):+.1f} points against task arithmetic (best lambda)."
-                )
-    for key in ("wemoe", "wemoe-best"):
-        if key in methods:
-            m = methods[key]
-            notes.append(
-                f"- {key}: {m['steps']} adaptation steps, merge {m['seconds']} s; loss {m['initial_loss']:.3f} -> {m['final_loss']:.3f} ({m['objective']})"
-                + (f"; warnings: {'; '.join(m['warnings'])}" if m["warnings"] else "; no collapse warnings.")
-            )
-    if "wemoe-best" in methods and "task-arithmetic" in methods and "wemoe-best-own-expert" in methods:
-        b, c, ta = methods["wemoe-best"]["average"], methods["wemoe-best-own-expert"]["average"], methods["task-arithmetic"]["average"]
-        goal = max(0.97 * ind, ta + 0.15)
-        notes.append(
-            f"- Goal (>= 97% of the individual models and >= task arithmetic + 15, i.e. >= {100 * goal:.1f}): the recommended row reaches "
-            f"{100 * b:.1f} ({'met' if b >= goal else f'{100 * (goal - b):.1f} points short'}). Where the rest goes, measured: the configuration's "
-            f"ceiling with perfect routing is {100 * c:.1f} ({100 * (ind - c):.1f} points below the individual models: what merging the "
-            f"non-routed weights by task arithmetic and truncating the task vectors costs), and its routers lose {100 * (c - b):.1f} points "
-            f"to imperfect routing ({100 * methods['wemoe-best']['routing_accuracy']['average']:.1f}% of test images routed mainly to their own expert)."
-        )
-        if "wemoe-task-dense-own-expert" in methods:
-            dense = methods["wemoe-task-dense-own-expert"]["average"]
-            notes.append(
-                f"- The ceiling's gap, split: the same groups with dense task vectors (`--extended` ceiling row) reach {100 * dense:.1f}, "
-                f"so truncation to the configured rank costs {100 * (dense - c):.1f} points and the weights no router reaches "
-                f"(embeddings, norms, the final projection, merged by task arithmetic) {100 * (ind - dense):.1f}."
-            )
-        if "wemoe-task-dense" in methods:
-            d = methods["wemoe-task-dense"]
-            notes.append(
-                f"- With dense experts instead (`--extended` row): {100 * d['average']:.1f}, {100 * d['routing_accuracy']['average']:.1f}% routed mainly "
-                f"to the own expert, merge {d['seconds']} s against {methods['wemoe-best']['seconds']} s."
-            )
-    if "wemoe-best" in methods and "wemoe-best-longer" in methods:
-        b, longer = methods["wemoe-best"], methods["wemoe-best-longer"]
-        notes.append(
-            f"- Adapting longer (`--extended` row): {longer['steps']} steps reach {100 * longer['average']:.1f} "
-            f"({100 * longer['routing_accuracy']['average']:.1f}% routed mainly to the own expert) against {100 * b['average']:.1f} "
-            f"after {b['steps']}, merge {longer['seconds']} s against {b['seconds']} s; the recommended row keeps {b['steps']} steps "
-            "so that the main job fits its 20-minute budget."
-        )
-    guard_pairs = [(k, v) for k, v in (("wemoe", "wemoe-straight-through"), ("wemoe-best", "wemoe-best-clamp")) if k in methods and v in methods]
-    if guard_pairs:
-        notes.append(
-            "- Coefficient guard (`--coef-guard`; clamp is the default, the recommended row uses straight-through): "
-            + "; ".join(
-                f"{k} {100 * methods[k]['average']:.1f} ({guard_of(methods[k])}) vs {100 * methods[v]['average']:.1f} ({guard_of(methods[v])})"
-                for k, v in guard_pairs
-            )
-            + "."
-        )
-    notes.append(
-        "- Every merged row records its exact `wemoe merge` arguments in accuracy.json (key `args`); ceiling rows read the task at "
-        'evaluation and carry `"diagnostic": true`. Routing acc.: share of test images (200 per task) whose mean coefficient '
-        "vector peaks at their own task's expert."
-    )
-    zoo = report.get("zoo")
-    if zoo:
-        d, h, f = zoo["data"], zoo["heads"], zoo["finetune"]
-        notes.append(
-            f"- Zoo recipe (`benchmarks/zoo/config.py`): up to {d['n_train']:,} train / {d['n_test']:,} test images per task; "
-            f"prototype heads from {h['per_class']} images per class, logit scale {h['logit_scale']:g}; fine-tuning AdamW "
-            f"lr {f['lr']:g}, {f['steps']} steps of {f['batch']} images"
-            + (f", plus {f['replay_batch']} pretraining-distribution replay images per step at alpha {f['replay_alpha']:g}" if f.get("replay_alpha") else "")
-            + ". Every attempt and its numbers: `benchmarks/zoo/ATTEMPTS.md`."
-        )
-    times = [f"- Machine: {report.get('machine', 'not recorded')}."] + [
-        f"- Run time: {report['seconds']} s (`python -m benchmarks.accuracy{' --quick' if report['quick'] else ''}`)."
-    ]
-    if report.get("extended_seconds"):
-        times.append(
-            f"- Rows marked `--extended`: `python -m benchmarks.accuracy --extended` ({report['extended_seconds']} s; the main job's 20-minute budget has no room for them)."
-        )
+            joint = f"{100 * m['joint_accuracy']['average']:.1f}" if "joint_accuracy" in m else ""
+            lines.append(f"| {label(name, m)} | {cells} | **{100 * m['average']:.1f}** | {routed} | {joint} |")
     return "\n".join(
         [
             f"# Accuracy on the embedded zoo{' (quick)' if report['quick'] else ''}",
@@ -148,12 +73,144 @@ def markdown(report: dict) -> str:
             "",
             *lines,
             "",
-            *notes,
-            "- Lambdas for task arithmetic and TIES are chosen on labelled train images (validation), never on the test set.",
-            *times,
+            *notes(report),
             "",
+            *confusion_section(report),
         ]
     )
+
+
+def notes(report: dict) -> list[str]:
+    methods = report["methods"]
+    ind = methods["individual"]["average"]
+    out = []
+    ta = methods.get("task-arithmetic", {}).get("average")
+    if ta is not None and "pretrained" in methods:
+        out.append(
+            f"- Task arithmetic (best lambda) is {100 * (ta - methods['pretrained']['average']):+.1f} points against the pretrained base and "
+            f"{100 * (ta - ind):+.1f} against the individual models."
+        )
+        for key in ("adamerging-layer", "wemoe", "wemoe-best"):
+            if key in methods:
+                w = methods[key]["average"]
+                out.append(
+                    f"- {label(key, methods[key])}: {100 * w / ind:.1f}% of the individual models' average, {100 * (w - ta):+.1f} points against task arithmetic."
+                )
+    for key in ("wemoe", "wemoe-best"):
+        if key in methods:
+            m = methods[key]
+            how = (
+                f"router fitted on {m['router_fit']['images']:,} images (train accuracy {pct(m['router_fit']['train_accuracy'])}%)"
+                if m.get("router_fit")
+                else ""
+            )
+            loss = f"loss {m['initial_loss']:.3f} -> {m['final_loss']:.3f} ({m['objective']})" if m.get("steps") else ""
+            out.append(
+                f"- {key}: {m['steps']} adaptation steps, merge {m['seconds']} s; {'; '.join(x for x in (how, loss) if x)}"
+                + (f"; warnings: {'; '.join(m['warnings'])}" if m["warnings"] else "; no collapse warnings.")
+            )
+    if "wemoe-best" in methods and ta is not None:
+        b = methods["wemoe-best"]
+        goal = max(0.97 * ind, ta + 0.13)
+        acc, routing, joint = b["average"], b["routing_accuracy"]["average"], b.get("joint_accuracy", {}).get("average")
+        verdict = lambda value, target: "met" if value >= target else f"{100 * (target - value):.1f} points short"
+        line = (
+            f"- Goals for the recommended row: accuracy >= 97% of the individual models and >= task arithmetic + 13 (>= {pct(goal)}): "
+            f"{pct(acc)}, {verdict(acc, goal)}; routing accuracy >= 97%: {pct(routing)}%, {verdict(routing, 0.97)}"
+        )
+        if joint is not None:
+            line += f"; task-agnostic joint accuracy >= 90% of the individual models' (>= {pct(0.9 * ind)}): {pct(joint)} = {100 * joint / ind:.1f}%, {verdict(joint, 0.9 * ind)}"
+        out.append(line + ".")
+        if "wemoe-best-own-expert" in methods:
+            c = methods["wemoe-best-own-expert"]["average"]
+            out.append(
+                f"- Where the rest goes, measured: with every image sent to its own expert the configuration reaches {pct(c)} "
+                f"({100 * (ind - c):.1f} points below the individual models: what truncating the attention and MLP task vectors to "
+                f"rank 16 costs), and its router loses {100 * (c - b['average']):.1f} points to imperfect routing."
+            )
+    pairs = (
+        ("wemoe-all-dense", "dense experts instead of rank 16"),
+        ("wemoe-task-router-mlp-attn", "norms, embeddings and projection merged by task arithmetic instead of routed"),
+        ("wemoe-task-router-256", "router fitted on 256 images per task"),
+        ("wemoe-exemplar", "the training-free exemplar router"),
+        ("wemoe-block-routers", "per-block routers (the previous recommendation)"),
+    )
+    if "wemoe-best" in methods:
+        b = methods["wemoe-best"]
+        compared = [
+            f"{what}: {pct(methods[k]['average'])} (routing {pct(methods[k]['routing_accuracy']['average'])}%, merge {methods[k]['seconds']} s)"
+            for k, what in pairs
+            if k in methods
+        ]
+        if compared:
+            out.append(
+                f"- Against the recommended row ({pct(b['average'])}, routing {pct(b['routing_accuracy']['average'])}%, merge {b['seconds']} s), "
+                f"`--extended` rows: " + "; ".join(compared) + "."
+            )
+    for key in ("wemoe-all-dense", "wemoe-task-router-mlp-attn", "wemoe-task-dense"):
+        if f"{key}-own-expert" in methods:
+            out.append(f"- Ceiling of `{key}` (each task routed to its own expert): {pct(methods[f'{key}-own-expert']['average'])}.")
+    guard_pairs = [
+        (k, v) for k, v in (("wemoe", "wemoe-straight-through"), ("wemoe-block-routers", "wemoe-block-routers-clamp")) if k in methods and v in methods
+    ]
+    if guard_pairs:
+        out.append(
+            "- Coefficient guard of per-block routers (`--coef-guard`; clamp is the default): "
+            + "; ".join(
+                f"{k} {100 * methods[k]['average']:.1f} ({guard_of(methods[k])}) vs {100 * methods[v]['average']:.1f} ({guard_of(methods[v])})"
+                for k, v in guard_pairs
+            )
+            + "."
+        )
+    out.append(
+        "- Every merged row records its exact `wemoe merge` arguments in accuracy.json (key `args`); ceiling rows read the task at "
+        'evaluation and carry `"diagnostic": true`. Routing acc.: share of test images whose task posterior (a task router\'s output; '
+        "for per-block routers the coefficients averaged over routed groups) peaks at their own task's expert. Joint, task-agnostic: "
+        "share of test images whose task and class are both right when the model is not told the task (`wemoe eval --task-agnostic`: "
+        "its task posterior picks the head)."
+    )
+    zoo = report.get("zoo")
+    if zoo:
+        d, h, f = zoo["data"], zoo["heads"], zoo["finetune"]
+        out.append(
+            f"- Zoo recipe (`benchmarks/zoo/config.py`): up to {d['n_train']:,} train / {d['n_test']:,} test images per task; "
+            f"prototype heads from {h['per_class']} images per class, logit scale {h['logit_scale']:g}; fine-tuning AdamW "
+            f"lr {f['lr']:g}, {f['steps']} steps of {f['batch']} images"
+            + (f", plus {f['replay_batch']} pretraining-distribution replay images per step at alpha {f['replay_alpha']:g}" if f.get("replay_alpha") else "")
+            + ". Every attempt and its numbers: `benchmarks/zoo/ATTEMPTS.md`."
+        )
+    out.append("- Lambdas for task arithmetic and TIES are chosen on labelled train images (validation), never on the test set.")
+    out.append(f"- Machine: {report.get('machine', 'not recorded')}.")
+    out.append(f"- Run time: {report['seconds']} s (`python -m benchmarks.accuracy{' --quick' if report['quick'] else ''}`).")
+    if report.get("extended_seconds"):
+        out.append(
+            f"- Rows marked `--extended`: `python -m benchmarks.accuracy --extended` ({report['extended_seconds']} s; the main job's 20-minute budget has no room for them)."
+        )
+    return out
+
+
+def confusion_section(report: dict) -> list[str]:
+    """Where the recommended row sends each task's test images (from its task-agnostic evaluation)."""
+    m = report["methods"].get("wemoe-best", {})
+    predicted = m.get("predicted")
+    if not predicted:
+        return []
+    experts = list(next(iter(predicted.values())))
+    lines = [
+        "## Routing confusion of the recommended row",
+        "",
+        "Share (%) of each task's test images (rows) whose task posterior peaks at each expert (columns). "
+        "Picture: [routing_confusion.png](routing_confusion.png).",
+        "",
+        "| images of \\ expert | " + " | ".join(experts) + " |",
+        "|---|" + "---|" * len(experts),
+    ]
+    for task, counts in predicted.items():
+        total = sum(counts.values()) or 1
+        lines.append(
+            f"| {task} | " + " | ".join(f"**{100 * counts[e] / total:.1f}**" if e == task else f"{100 * counts[e] / total:.1f}" for e in experts) + " |"
+        )
+    return lines + [""]
 
 
 def write_results(report: dict, results_dir: Path, stem: str) -> None:
@@ -161,6 +218,13 @@ def write_results(report: dict, results_dir: Path, stem: str) -> None:
     (results_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (results_dir / f"{stem}.md").write_text(markdown(report))
     plot(report, results_dir / f"{stem}.png")
+    predicted = report["methods"].get("wemoe-best", {}).get("predicted")
+    if predicted:
+        experts = list(next(iter(predicted.values())))
+        counts = {t: np.array([c[e] for e in experts]) for t, c in predicted.items()}
+        confusion_heatmap(
+            experts, counts, results_dir / f"routing_confusion{'_quick' if report['quick'] else ''}.png", "recommended row: task's test images -> expert"
+        )
     if not report["quick"] and results_dir.resolve() == RESULTS.resolve():
         update_readme(report)
 
@@ -171,7 +235,7 @@ def update_readme(report: dict) -> None:
     figures = [
         "![accuracy](benchmarks/results/accuracy.png)",
         "",
-        "Routing on the zoo (mean routing weight per block and expert, per task's data): ![routing heatmap](benchmarks/results/routing.png)",
+        "Routing of the paper's row on the zoo (mean routing weight per block and expert, per task's data): ![routing heatmap](benchmarks/results/routing.png)",
     ]
     replace_readme_block("accuracy", "\n".join([body, "", *figures]))
 

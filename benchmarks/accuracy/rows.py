@@ -32,23 +32,52 @@ def on_train(objective: str, steps: int = 100, lr: float = 1e-2) -> list:
 
 
 TASK_ON_TRAIN = on_train("task")  # target: each task's own expert
+
+
+# A task router: one router per model, computed once per image from a pass with the pretrained weights, fitted on which
+# task each of the train split's unlabeled images came from (all of them: up to 3,000 per task), no further adaptation.
+def task_router(images: int = 3000) -> list:
+    return ["--router", "task", "--router-images", images, "--steps", 0, "--split", "train"]
+
+
+TASK_ROUTER = task_router()
+ALL_16 = ["--experts", "all", "--expert-rank", 16]
 PAPER = ("WEMoE, the paper's: MLP experts, 2-layer routers, entropy, test-time adaptation", ["--method", "wemoe", "--steps", 100, "--lr", ADAPT_LR, *ADAPT])
 BEST = (
-    "WEMoE, recommended: mlp+attn rank-16 experts, task objective, adapted on the train split",
+    "WEMoE, recommended: every weight routed (rank-16 attention and MLP experts), a task router fitted on the train split",
+    ["--method", "wemoe", *ALL_16, *TASK_ROUTER, *ADAPT],
+)
+# the recommended row of the previous release: per-block routers pulled toward each task's own expert
+BLOCK_ROUTERS = (
+    "per-block routers (mlp+attn rank 16), task objective, adapted on the train split (the previous recommendation)",
     ["--method", "wemoe", *LOW_RANK_16, *TASK_ON_TRAIN, *STRAIGHT_THROUGH, *ADAPT],
 )
 MAIN_WEMOE = {"wemoe": PAPER, "wemoe-best": BEST}
 EXTENDED_WEMOE = {
+    "wemoe-task-router-mlp-attn": (
+        "task router, mlp+attn rank-16 experts (norms, embeddings, projection merged by task arithmetic)",
+        ["--method", "wemoe", *LOW_RANK_16, *TASK_ROUTER, *ADAPT],
+    ),
+    "wemoe-all-dense": ("task router, every weight routed, dense experts", ["--method", "wemoe", "--experts", "all", *TASK_ROUTER, *ADAPT]),
+    "wemoe-exemplar": (
+        "exemplar router (10 nearest of 256 stored embeddings per task, training-free), every weight routed, rank 16",
+        ["--method", "wemoe", *ALL_16, "--router", "exemplar", "--router-images", 256, "--steps", 0, "--split", "train", *ADAPT],
+    ),
+    "wemoe-task-router-256": (
+        "recommended row with its router fitted on 256 images per task instead of all",
+        ["--method", "wemoe", *ALL_16, *task_router(256), *ADAPT],
+    ),
+    "wemoe-block-routers": BLOCK_ROUTERS,
     "wemoe-straight-through": (
         "WEMoE paper row with the straight-through coefficient guard (gradient kept past a bound)",
         ["--method", "wemoe", "--steps", 100, "--lr", ADAPT_LR, *STRAIGHT_THROUGH, *ADAPT],
     ),
-    "wemoe-best-clamp": (
-        "recommended row with the default hard clamp coefficient guard (no gradient past a bound)",
+    "wemoe-block-routers-clamp": (
+        "previous recommendation with the default hard clamp coefficient guard (no gradient past a bound)",
         ["--method", "wemoe", *LOW_RANK_16, *TASK_ON_TRAIN, *ADAPT],
     ),
-    "wemoe-best-longer": (
-        "recommended row adapted twice as long at a lower rate (200 steps, lr 3e-3)",
+    "wemoe-block-routers-longer": (
+        "previous recommendation adapted twice as long at a lower rate (200 steps, lr 3e-3)",
         ["--method", "wemoe", *LOW_RANK_16, *on_train("task", steps=200, lr=3e-3), *STRAIGHT_THROUGH, *ADAPT],
     ),
     "wemoe-task-mlp": ("task objective, MLP experts (dense), train split", ["--method", "wemoe", *TASK_ON_TRAIN, *STRAIGHT_THROUGH, *ADAPT]),
@@ -82,7 +111,7 @@ EXTENDED_WEMOE = {
     ),
 }
 # extended rows that also get their own-expert ceiling (the dense one splits the recommended row's ceiling gap)
-EXTENDED_CEILINGS = ("wemoe-task-dense",)
+EXTENDED_CEILINGS = ("wemoe-task-dense", "wemoe-task-router-mlp-attn", "wemoe-all-dense")
 
 
 def is_extended(key: str) -> bool:

@@ -9,8 +9,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from benchmarks.accuracy.render import write_results
 from benchmarks.accuracy.rows import ADAMERGING, EXTENDED_CEILINGS, EXTENDED_WEMOE, LAMBDA_GRID, MAIN_WEMOE, TIES_LAMBDA_GRID, is_extended
 from benchmarks.common import REPO, cli, machine_description
@@ -31,12 +29,19 @@ class Zoo:
         return self.cache / "data" / f"{t}.npz"
 
 
-def evaluate(model: Path, zoo: Zoo, tasks: list[str], work: Path, split: str = "test", limit: int | None = None, heads: bool = True) -> dict[str, float]:
+def evaluate_report(
+    model: Path, zoo: Zoo, tasks: list[str], work: Path, split: str = "test", limit: int | None = None, heads: bool = True, agnostic: bool = False
+) -> dict:
+    """`wemoe eval`'s JSON report (``--task-agnostic`` too when asked)."""
     out = work / "eval.json"
     specs = [f"{t}={zoo.head(t) if heads else ''}:{zoo.data(t)}" for t in tasks]
-    extra = ["--limit", limit] if limit else []
+    extra = (["--limit", limit] if limit else []) + (["--task-agnostic"] if agnostic else [])
     cli("eval", model, "--task", *specs, "--split", split, "--json", out, "--quiet", "--batch-size", 128, *extra)
-    res = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def evaluate(model: Path, zoo: Zoo, tasks: list[str], work: Path, split: str = "test", limit: int | None = None, heads: bool = True) -> dict[str, float]:
+    res = evaluate_report(model, zoo, tasks, work, split, limit, heads)
     return {t: res[t]["accuracy"] for t in tasks}
 
 
@@ -70,23 +75,6 @@ def pick_lambda(zoo: Zoo, work: Path, method: str, grid, val_limit: int, log) ->
         scores[lam] = row(evaluate(merged, zoo, zoo.tasks, work, split="train", limit=val_limit))["average"]
         log(f"  {method} lambda {lam}: validation average {100 * scores[lam]:.1f}")
     return max(scores, key=scores.get), scores
-
-
-@torch.no_grad()
-def routing_accuracy(merged: Path, zoo: Zoo, limit: int = 200) -> dict[str, float]:
-    """Share of a task's test images whose mean routing (over routed groups) peaks at the task's own expert."""
-    import wemoe
-    from wemoe.data import load_data
-
-    model = wemoe.load(merged)
-    result = {}
-    for t in zoo.tasks:
-        data = load_data(zoo.data(t), "test").subset(limit)
-        hits = 0
-        for images, _ in data.batches(100, model.arch):
-            hits += int((torch.stack(model.routing(images)).mean(0).argmax(-1) == model.task_names.index(t)).sum())
-        result[t] = hits / len(data)
-    return result
 
 
 def rel(path: Path) -> str:
@@ -124,8 +112,9 @@ def wemoe_row(zoo: Zoo, work: Path, key: str, label_text: str, flags: list, keep
     args, seconds = run_merge(zoo, out, flags)
     cfg = json.loads((out / "config.json").read_text())
     ad = cfg["wemoe"]["adaptation"]
+    report = evaluate_report(out, zoo, zoo.tasks, work, heads=False, agnostic=True)  # one pass: own heads, and the task not named
     r = row(
-        evaluate(out, zoo, zoo.tasks, work, heads=False),
+        {t: report[t]["accuracy"] for t in zoo.tasks},
         label=label_text,
         args=args,
         seconds=seconds,
@@ -134,9 +123,11 @@ def wemoe_row(zoo: Zoo, work: Path, key: str, label_text: str, flags: list, keep
         final_loss=ad["final_loss"],
         warnings=ad["warnings"],
         objective=ad["objective"],
+        router_fit=cfg["wemoe"].get("router_fit"),
     )
-    routed = routing_accuracy(out, zoo)
-    r["routing_accuracy"] = {"per_task": routed, "average": sum(routed.values()) / len(routed)}
+    r["routing_accuracy"] = row({t: report[t]["task_accuracy"] for t in zoo.tasks})
+    r["joint_accuracy"] = row({t: report[t]["joint_accuracy"] for t in zoo.tasks})
+    r["predicted"] = {t: report[t]["predicted"] for t in zoo.tasks}
     if ceiling:
         r["own_expert"] = row(own_expert_ceiling(out, zoo))
     return r

@@ -31,11 +31,34 @@ from benchmarks.speed.measure import _gb, measure, run_child, stage_merges
 from benchmarks.speed.report import GOALS, LOW_RANK_GOALS, config_label, goals_of, readme_summary, report_md, shortfall_notes, update_readme
 
 
+def fitting_inputs(work: Path, tasks: int, arch: str) -> list[str]:
+    """Random heads and 32 random images per task (written once) for routers fitted on images: their speed, not their sense."""
+    import numpy as np
+    import torch
+
+    from wemoe.core.arch import KNOWN_ARCHS
+    from wemoe.io.safetensors_io import save_tensors
+
+    a = KNOWN_ARCHS[arch]
+    heads, data = [], []
+    for i in range(tasks):
+        head, images = work / f"head{i:02d}.safetensors", work / f"images{i:02d}.npz"
+        if not head.exists():
+            save_tensors(head, {"weight": torch.randn(10, a["embed_dim"], generator=torch.Generator().manual_seed(i))}, {"normalize": "true"})
+        if not images.exists():
+            rng = np.random.default_rng(i)
+            np.savez(images, x_test=rng.integers(0, 255, (32, a["image_size"], a["image_size"], 3), dtype=np.uint8))
+        heads.append(f"task{i:02d}={head}")
+        data.append(f"task{i:02d}={images}")
+    return ["--heads", *heads, "--data", *data]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.speed", description="Speed and memory of wemoe at real scale.")
     ap.add_argument("--arch", default="ViT-B-32-quickgelu")
     ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--routed", default="mlp", help="wemoe --experts: mlp, attn or mlp,attn")
+    ap.add_argument("--routed", default="mlp", help="wemoe --experts: mlp, attn, mlp,attn or all")
+    ap.add_argument("--router", default="mlp", help="wemoe --router (task, exemplar: fitted on random images made here)")
     ap.add_argument("--expert-rank", default="full", help="wemoe --expert-rank: full or R")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--per-task", type=int, default=16)
@@ -73,7 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     paths = json.loads(made.stdout.strip().splitlines()[-1])
     base, tasks = Path(paths["base"]), [Path(t) for t in paths["tasks"]]
     print("(a) merges", flush=True)
-    wemoe_flags = ["--experts", args.routed, "--expert-rank", args.expert_rank]
+    wemoe_flags = ["--experts", args.routed, "--expert-rank", args.expert_rank, "--router", args.router]
+    if args.router in ("task", "exemplar"):  # routers fitted on images: random ones, with random heads (speed only)
+        wemoe_flags += fitting_inputs(work, len(tasks), args.arch) + ["--router-images", "32", "--steps", "0"]
     merges = stage_merges(base, tasks, work, args.threads, wemoe_flags)
     model = work / "merged-wemoe"
     child = [sys.executable, "-m", "benchmarks.speed", "--stage"]
@@ -88,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         "arch": args.arch,
         "experts": args.experts,
         "routed": args.routed,
+        "router": args.router,
         "rank": args.expert_rank,
         "batch": args.batch,
         "threads": args.threads,
@@ -117,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     stem = "speed" if (args.arch, args.experts) == ("ViT-B-32-quickgelu", 8) else f"speed_{args.arch}_{args.experts}"
     if (args.routed, args.expert_rank) != ("mlp", "full"):
         stem += f"_{args.routed.replace(',', '+')}_r{args.expert_rank}"
+    if args.router != "mlp":
+        stem += f"_{args.router}"
     stem += f"_{machine_tag(result['machine'])}"  # the same goal is judged on every CPU it was measured on
     md = report_md(result)
     (args.results / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -17,9 +17,9 @@ def goals_of(r: dict) -> dict:
 
 
 def config_label(r: dict) -> str:
-    routed, rank = r.get("routed", "mlp"), r.get("rank", "full")
+    routed, rank, router = r.get("routed", "mlp"), r.get("rank", "full"), r.get("router", "mlp")
     experts = "" if (routed, rank) == ("mlp", "full") else f", {routed} experts{'' if rank == 'full' else f' rank {rank}'}"
-    return f"{r['arch']}, {r['experts']} experts, batch {r['batch']}{experts}"
+    return f"{r['arch']}, {r['experts']} experts, batch {r['batch']}{experts}" + (f", {router} router" if router != "mlp" else "")
 
 
 def report_md(r: dict) -> str:

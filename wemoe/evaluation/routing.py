@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 from wemoe.data import TaskData
+from wemoe.model.vit import RoutingTrace
 from wemoe.moe.model import WEMoEModel
 
 
@@ -25,6 +26,43 @@ def mean_routing(model: WEMoEModel, data: TaskData, batch_size: int = 64, device
             count += r.shape[1]
             bar.update(r.shape[1])
     return (total / count).numpy()
+
+
+@torch.no_grad()
+def expert_counts(model: WEMoEModel, data: TaskData, batch_size: int = 64, device: str = "cpu") -> np.ndarray:
+    """(T,) how many of the task's images went mainly to each expert (the largest task posterior; per-block routers:
+    the largest coefficient averaged over routed groups): a row of the routing confusion table."""
+    counts = torch.zeros(len(model.task_names), dtype=torch.long)
+    for images, _ in data.batches(batch_size, model.arch, device):
+        trace = RoutingTrace()
+        model.encode(images, trace)
+        counts += torch.bincount(model.task_posterior(trace).argmax(-1).cpu(), minlength=len(model.task_names))
+    return counts.numpy()
+
+
+def confusion_heatmap(experts: list[str], counts: dict[str, np.ndarray], path: str | Path, title: str = "") -> None:
+    """Task's images (rows) x the expert they went to (columns), as shares of each row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(counts)
+    shares = np.stack([counts[t] / max(1, counts[t].sum()) for t in tasks])
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(experts), 0.8 + 0.45 * len(tasks)))
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(tasks)):
+        for j in range(len(experts)):
+            if counts[tasks[i]][j]:
+                ax.text(j, i, f"{100 * shares[i, j]:.0f}", ha="center", va="center", fontsize=7, color="white" if shares[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(experts)), experts, rotation=60, fontsize=8)
+    ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
+    ax.set_xlabel("expert the images went to (% of the task's images)")
+    ax.set_ylabel("task of the images")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def routing_table(model: WEMoEModel, means: dict[str, np.ndarray]) -> str:
