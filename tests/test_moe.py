@@ -246,9 +246,9 @@ def test_coef_range_clamps_and_fixed_routing_overrides():
         block.routers["mlp"].out.weight.zero_()
         h = block.norm2(inputs(3))
         assert torch.allclose(block.coefficients("mlp", h), torch.tensor([0.2, -0.1, 0.05, 0.2]).expand(3, T))
-        block.fixed_routing = torch.tensor([1.0, 0.0, 0.0, 3.0])
-        assert torch.equal(block.coefficients("mlp", h), torch.tensor([1.0, 0.0, 0.0, 3.0]).expand(3, T))  # unclamped
-        block.fixed_routing = None
+        given = torch.tensor([1.0, 0.0, 0.0, 3.0]).expand(3, T)
+        assert torch.equal(block.coefficients("mlp", h, given), given)  # given coefficients are not clamped
+        assert block.coefficients("attn", h, given) is None  # a group without experts takes none
         block.coef_range = None
         assert torch.allclose(block.coefficients("mlp", h), torch.tensor([5.0, -5.0, 0.05, 5.0]).expand(3, T))
 
@@ -304,8 +304,9 @@ def test_bad_arguments_raise_wemoe_error():
         LowRankExperts(T, D, H, rank=25)
     with pytest.raises(WemoeError, match="unknown expert group"):
         make_block(("ffn",))
-    with pytest.raises(WemoeError, match="needs routing coefficients"):
-        routed(D, H)(inputs(2))
+    layer, x = routed(D, H), inputs(2)
+    # without coefficients a routed linear is its pretrained layer (the pass a shared router reads)
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
     with pytest.raises(WemoeError, match="merging needs 4 coefficients"):
         routed(D, H).merged(torch.zeros(T + 1))
 

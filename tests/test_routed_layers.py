@@ -200,7 +200,7 @@ def test_routed_layer_refusals(setup, capsys):
     code, _, err = merge(capsys, setup, "r3", "--expert-rank", "lots")
     assert_one_line_error(code, err, "--expert-rank must be 'full' or a positive integer")
     code, _, err = merge(capsys, setup, "r4", "--experts", "mlp,ffn")
-    assert_one_line_error(code, err, "--experts must name one or more of attn, mlp")
+    assert_one_line_error(code, err, "--experts must be all, or name one or more of attn, mlp")
     code, _, err = run_cli(capsys, "merge", "--base", base, "--tasks", *tasks, "--method", "task-arithmetic", "--expert-rank", "4", "--out", tmp / "r5", "-q")
     assert_one_line_error(code, err, "--expert-rank only applies to --method wemoe")
     assert code == 2

@@ -202,6 +202,9 @@ def session(device_spec: str = "auto") -> Iterator[World]:
     previous = signal.signal(signal.SIGTERM, _on_sigterm(world)) if _main_thread() else None
     try:
         yield world
+        # every rank reaches here before any tears down: a rank whose peer has already
+        # destroyed the group can abort at exit ("terminate called without an active exception")
+        _collective(dist.barrier, world, "finishing")
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
