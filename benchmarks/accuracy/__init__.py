@@ -4,6 +4,7 @@
     python -m benchmarks.accuracy --quick    # CI-sized
 
     python -m benchmarks.accuracy --extended # the second command: WEMoE router and objective variants
+    python -m benchmarks.accuracy --extended --only ROW ...  # rerun some; carry the rest over by their arguments
 
 Builds the zoo if it is not cached, then runs the real `wemoe merge` and
 `wemoe eval` commands for: the pretrained base, each individual fine-tuned
@@ -24,7 +25,7 @@ import os
 from pathlib import Path
 
 from benchmarks.accuracy.render import markdown, write_results
-from benchmarks.accuracy.rows import BEST, PAPER
+from benchmarks.accuracy.rows import BEST, EXTENDED_WEMOE, PAPER
 from benchmarks.accuracy.runner import Zoo, evaluate, row, run, run_merge
 from benchmarks.common import RESULTS
 
@@ -35,9 +36,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--extended", action="store_true", help="the second command: WEMoE router/objective variants (rows marked --extended)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--cache", type=Path, default=None)
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        choices=list(EXTENDED_WEMOE),
+        metavar="ROW",
+        help="--extended: run only these rows; the others are carried over from the results where an earlier row recorded the same arguments",
+    )
     args = ap.parse_args(argv)
+    if args.only and not args.extended:
+        ap.error("--only chooses among the --extended rows")
     os.environ.setdefault("TQDM_MININTERVAL", "5")
-    run(args.quick, args.results, args.cache, args.extended)
+    run(args.quick, args.results, args.cache, args.extended, args.only)
     print()
     print((args.results / ("accuracy_quick.md" if args.quick else "accuracy.md")).read_text())
 

@@ -63,7 +63,8 @@ def markdown(report: dict) -> str:
             cells = " | ".join(f"{100 * m['per_task'][t]:.1f}" for t in tasks)
             routed = f"{100 * m['routing_accuracy']['average']:.1f}%" if "routing_accuracy" in m else ""
             joint = f"{100 * m['joint_accuracy']['average']:.1f}" if "joint_accuracy" in m else ""
-            lines.append(f"| {label(name, m)} | {cells} | **{100 * m['average']:.1f}** | {routed} | {joint} |")
+            mark = " †" if m.get("carried") else ""
+            lines.append(f"| {label(name, m)}{mark} | {cells} | **{100 * m['average']:.1f}** | {routed} | {joint} |")
     return "\n".join(
         [
             f"# Accuracy on the embedded zoo{' (quick)' if report['quick'] else ''}",
@@ -181,6 +182,14 @@ def notes(report: dict) -> list[str]:
         )
     out.append("- Lambdas for task arithmetic and TIES are chosen on labelled train images (validation), never on the test set.")
     out.append(f"- Machine: {report.get('machine', 'not recorded')}.")
+    carried = sorted({m["machine"] for m in methods.values() if m.get("carried")})
+    if carried:
+        out.append(
+            "- † carried over from an earlier run (`--extended --only` reran the others): a row whose exact `wemoe merge` arguments an "
+            f"earlier run recorded, measured on {' / '.join(carried)}; `python -m benchmarks.output_hashes --check "
+            "benchmarks/results/output_hashes.json` shows those arguments still write the same bytes. Their routing acc. is the "
+            "earlier definition (mean coefficients over the routed groups, on 200 test images per task)."
+        )
     out.append(f"- Run time: {report['seconds']} s (`python -m benchmarks.accuracy{' --quick' if report['quick'] else ''}`).")
     if report.get("extended_seconds"):
         out.append(

@@ -133,7 +133,37 @@ def wemoe_row(zoo: Zoo, work: Path, key: str, label_text: str, flags: list, keep
     return r
 
 
-def run(quick: bool, results_dir: Path, cache: Path | None, extended: bool) -> dict:
+def without_out(args: list) -> tuple[str, ...]:
+    """A recorded command line less its scratch output directory (what identifies the merge)."""
+    args = [str(a) for a in args]
+    i = args.index("--out")
+    return tuple(args[:i] + args[i + 2 :])
+
+
+def carried_rows(zoo: Zoo, rows: dict[str, tuple[str, list]], earlier: dict[str, dict], machine: str | None, log) -> dict[str, dict]:
+    """Earlier measurements of the extended rows not rerun, matched by their exact `wemoe merge` arguments.
+
+    A row is carried over only when an earlier row (under any name: rows get renamed)
+    recorded the same arguments; `benchmarks.output_hashes` is what shows that those
+    arguments still write the same bytes. Each keeps the machine that measured it.
+    """
+    out: dict[str, dict] = {}
+    by_args = {without_out(m["args"]): (k, m) for k, m in earlier.items() if m.get("args") and not m.get("diagnostic")}
+    for key, (text, flags) in rows.items():
+        found = by_args.get(without_out(merge_args(zoo, Path("merged"), flags)))
+        if found is None:
+            log(f"  {key}: not run and never measured with these arguments: left out")
+            continue
+        old_key, m = found
+        out[key] = {**m, "label": text, "machine": m.get("machine", machine or "not recorded"), "carried": True}
+        ceiling = earlier.get(f"{old_key}-own-expert")
+        if key in EXTENDED_CEILINGS and ceiling:
+            out[f"{key}-own-expert"] = {**ceiling, "machine": out[key]["machine"], "carried": True}
+        log(f"  {key}: carried over from the earlier row {old_key} (same arguments, measured on {out[key]['machine']})")
+    return out
+
+
+def run(quick: bool, results_dir: Path, cache: Path | None, extended: bool, only: list[str] | None = None) -> dict:
     from benchmarks.zoo import build as zoo_build
     from benchmarks.zoo import datasets as zoo_data
     from benchmarks.zoo import requirements
@@ -151,10 +181,13 @@ def run(quick: bool, results_dir: Path, cache: Path | None, extended: bool) -> d
     work = Path(tempfile.mkdtemp(prefix="wemoe-acc-"))
     try:
         if extended:  # the second command: WEMoE variants; the main job's rows are kept from the last main run
-            methods = {k: v for k, v in previous.get("methods", {}).items() if not is_extended(k)}
+            earlier = previous.get("methods", {})
+            methods = {k: v for k, v in earlier.items() if not is_extended(k)}
             command = "python -m benchmarks.accuracy --extended"
-            for i, (key, (text, flags)) in enumerate(EXTENDED_WEMOE.items()):
-                log(f"[{i + 1}/{len(EXTENDED_WEMOE)}] {text}")
+            chosen = {k: v for k, v in EXTENDED_WEMOE.items() if not only or k in only}
+            methods.update(carried_rows(zoo, {k: v for k, v in EXTENDED_WEMOE.items() if k not in chosen}, earlier, previous.get("machine"), log))
+            for i, (key, (text, flags)) in enumerate(chosen.items()):
+                log(f"[{i + 1}/{len(chosen)}] {text}")
                 methods[key] = wemoe_row(zoo, work, key, text, flags, ceiling=key in EXTENDED_CEILINGS)
                 methods[key]["command"] = command
                 if "own_expert" in methods[key]:
@@ -165,6 +198,8 @@ def run(quick: bool, results_dir: Path, cache: Path | None, extended: bool) -> d
             methods.update({k: v for k, v in previous.get("methods", {}).items() if is_extended(k) and not quick})
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    for m in methods.values():
+        m.setdefault("machine", machine_description())  # rows carried over keep the machine that measured them
     report = {
         "tasks": zoo.tasks,
         "methods": methods,
