@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 from benchmarks.accuracy import BEST, PAPER, RESULTS, Zoo, evaluate, row, run_merge
-from benchmarks.accuracy.rows import BLOCK_ROUTERS
 
 TASKS = ("fashion", "mnist", "digits8", "letters", "housenum", "textures", "shapes", "counting")
 # held-out pairs: the two generated scenes, and a photo-like task with a font task (letters is the one the routers
@@ -38,7 +37,6 @@ UNSEEN_BASE = (
 METHODS = {
     "task-arithmetic": ("task arithmetic (lambda 0.3)", ["--method", "task-arithmetic", "--lambda", 0.3]),
     "wemoe": PAPER,
-    "wemoe-block-routers": ("WEMoE, " + BLOCK_ROUTERS[0], BLOCK_ROUTERS[1]),
     "wemoe-best": BEST,
     "wemoe-best-unseen-base": UNSEEN_BASE,
 }
