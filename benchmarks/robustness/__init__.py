@@ -81,6 +81,7 @@ def merged(zoo: Zoo, key: str, flags: list, log) -> tuple[Path, list[str], float
         log(f"  {key}: reusing {out}")
         return out, json.loads(stamp.read_text())["args"], None
     log(f"  {key}: merging")
+    out.parent.mkdir(parents=True, exist_ok=True)
     args, seconds = run_merge(zoo, out, flags)
     stamp.write_text(json.dumps({"flags": wanted, "args": args}) + "\n")
     return out, args, seconds
