@@ -5,6 +5,7 @@
 
     python -m benchmarks.accuracy --extended # the second command: WEMoE router and objective variants
     python -m benchmarks.accuracy --extended --only ROW ...  # rerun some; carry the rest over by their arguments
+    python -m benchmarks.accuracy --only wemoe-best          # a main WEMoE row again; the other rows carried over
 
 Builds the zoo if it is not cached, then runs the real `wemoe merge` and
 `wemoe eval` commands for: the pretrained base, each individual fine-tuned
@@ -25,7 +26,7 @@ import os
 from pathlib import Path
 
 from benchmarks.accuracy.render import markdown, write_results
-from benchmarks.accuracy.rows import BEST, EXTENDED_WEMOE, PAPER
+from benchmarks.accuracy.rows import BEST, EXTENDED_WEMOE, MAIN_WEMOE, PAPER
 from benchmarks.accuracy.runner import Zoo, evaluate, row, run, run_merge
 from benchmarks.common import RESULTS
 
@@ -39,13 +40,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--only",
         nargs="+",
-        choices=list(EXTENDED_WEMOE),
+        choices=[*MAIN_WEMOE, *EXTENDED_WEMOE],
         metavar="ROW",
-        help="--extended: run only these rows; the others are carried over from the results where an earlier row recorded the same arguments",
+        help="run only these WEMoE rows (with --extended: of the extended ones); every other row is carried over from the last "
+        "results, extended ones only where an earlier row recorded the same arguments",
     )
     args = ap.parse_args(argv)
-    if args.only and not args.extended:
-        ap.error("--only chooses among the --extended rows")
+    wrong = [r for r in args.only or [] if (r in EXTENDED_WEMOE) != args.extended]
+    if wrong:
+        ap.error(f"--only {' '.join(wrong)}: " + ("not an --extended row" if args.extended else "an --extended row: add --extended"))
+    if args.only and args.quick:
+        ap.error("--only reruns rows of the full table, not of --quick")
     os.environ.setdefault("TQDM_MININTERVAL", "5")
     run(args.quick, args.results, args.cache, args.extended, args.only)
     print()

@@ -193,6 +193,8 @@ def run(quick: bool, results_dir: Path, cache: Path | None, extended: bool, only
                 if "own_expert" in methods[key]:
                     methods[f"{key}-own-expert"] = {**methods[key].pop("own_expert"), "diagnostic": True, "args": methods[key]["args"], "command": command}
                 log(f"  -> {100 * methods[key]['average']:.1f}")
+        elif only:  # some WEMoE rows of the main job again; every other row carried over as it was measured
+            methods = rerun_main_wemoe(zoo, work, cache, previous, only, log)
         else:
             methods = main_rows(zoo, work, cache, quick, results_dir, log)
             methods.update({k: v for k, v in previous.get("methods", {}).items() if is_extended(k) and not quick})
@@ -204,7 +206,7 @@ def run(quick: bool, results_dir: Path, cache: Path | None, extended: bool, only
         "tasks": zoo.tasks,
         "methods": methods,
         "quick": quick,
-        "seconds": previous.get("seconds") if extended else round(time.perf_counter() - started, 1),
+        "seconds": previous.get("seconds") if extended or only else round(time.perf_counter() - started, 1),
         "extended_seconds": round(time.perf_counter() - started, 1) if extended else previous.get("extended_seconds"),
         "zoo": json.loads((cache / "results.json").read_text()).get("recipe") if (cache / "results.json").exists() else None,
         "machine": machine_description(),
@@ -213,6 +215,30 @@ def run(quick: bool, results_dir: Path, cache: Path | None, extended: bool, only
         report["machine"] = f"main rows: {previous.get('machine', 'not recorded')}; --extended rows: {report['machine']}"
     write_results(report, results_dir, stem)
     return report
+
+
+MAIN_KEYS = ("pretrained", "individual", "average", "task-arithmetic", "task-arithmetic-0.3", "ties", *ADAMERGING, *MAIN_WEMOE)
+
+
+def rerun_main_wemoe(zoo: Zoo, work: Path, cache: Path, previous: dict, only: list[str], log) -> dict[str, dict]:
+    """The main job's WEMoE rows in ``only`` merged and evaluated again; the other rows of the last results kept,
+    marked with the machine that measured them (`benchmarks.output_hashes` shows their arguments still write the same bytes)."""
+    earlier = previous.get("methods", {})
+    if "task-arithmetic" not in earlier:
+        raise SystemExit("--only needs the results of a full run to keep the other rows from: run python -m benchmarks.accuracy first")
+    methods = {}
+    for key, m in earlier.items():
+        if key.removesuffix("-own-expert") in MAIN_KEYS and key.removesuffix("-own-expert") not in only:
+            methods[key] = {**m, "carried": True, "machine": m.get("machine", previous.get("machine", "not recorded"))}
+        elif is_extended(key):
+            methods[key] = m
+    for key in only:
+        text, flags = MAIN_WEMOE[key]
+        log(f"[{key}] {text}")
+        methods[key] = wemoe_row(zoo, work, key, text, [*flags, "--lambda", earlier["task-arithmetic"]["lambda"]], keep=cache / key, ceiling=True)
+        methods[f"{key}-own-expert"] = {**methods[key].pop("own_expert"), "diagnostic": True, "args": methods[key]["args"]}
+        log(f"  -> {100 * methods[key]['average']:.1f}")
+    return methods
 
 
 def smoke_steps(flags: list) -> list:
