@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from wemoe.data import check_labels, load_data
 from wemoe.errors import WemoeError
 from wemoe.evaluation.accuracy import evaluate_task
 from wemoe.evaluation.task_agnostic import AgnosticResult, evaluate_task_agnostic
+from wemoe.io.output import check_not_input, input_paths
 from wemoe.methods import REGISTRY
 from wemoe.model.heads import load_head
 from wemoe.moe.model import WEMoEModel
@@ -32,9 +34,10 @@ def method_summary(record: OutputRecord) -> str:
     return cls.summary if cls is not None else EXPORT_SUMMARY
 
 
-def check_report_path(path: str | Path) -> None:
-    """Refuse a report path that cannot be written before any compute."""
+def check_report_path(path: str | Path, inputs: Iterable[str | Path | None] = ()) -> None:
+    """Refuse a report path that cannot be written, or would replace an input, before any compute."""
     p = Path(path)
+    check_not_input(p, input_paths(*inputs), file=True)
     if p.is_dir():
         raise WemoeError("report path is a directory", path=p)
     if not p.resolve().parent.is_dir():
@@ -73,7 +76,7 @@ def run_eval(opts: dict[str, Any]) -> None:
         raise click.UsageError("no --task given (NAME=HEAD:DATA)")
     check_unique([s[0] for s in specs])
     if opts.get("json_path"):
-        check_report_path(opts["json_path"])
+        check_report_path(opts["json_path"], [opts["model"], opts.get("arch"), *(p for _, head, data in specs for p in (head, data))])
     record = require_output(opts["model"]) if opts.get("card") else None
     device = resolve_device(opts.get("device") or "auto")
     progress = progress_enabled(opts)

@@ -19,7 +19,7 @@ from wemoe.commands.options import echo_note, progress_enabled
 from wemoe.core.runtime import resolve_device
 from wemoe.core.tasks import check_unique
 from wemoe.errors import WemoeError
-from wemoe.io.output import AtomicDirectory, check_destination
+from wemoe.io.output import AtomicDirectory, check_destination, input_paths
 from wemoe.model.heads import save_head
 
 
@@ -38,13 +38,14 @@ def run_heads(opts: dict[str, Any]) -> None:
     if not specs:
         raise click.UsageError("no --task given (NAME=CLASSES)")
     check_unique([n for n, _ in specs])
-    check_destination(opts["out"], bool(opts.get("force")))
+    inputs = input_paths(opts["clip"], opts.get("arch"), opts.get("templates"), *(path for _, path in specs))
+    check_destination(opts["out"], bool(opts.get("force")), inputs)
     # validate every input (names, templates, the checkpoint) before encoding anything
     plans = [(name, path, read_class_names(path, opts.get("split") or "test"), resolve_templates(opts.get("templates"), name)) for name, path in specs]
     tower = open_text_tower(opts["clip"], opts.get("arch"))
     device = resolve_device(opts.get("device") or "auto")
     progress = progress_enabled(opts)
-    with AtomicDirectory(opts["out"], bool(opts.get("force"))) as tmp:
+    with AtomicDirectory(opts["out"], bool(opts.get("force")), inputs) as tmp:
         for name, path, classes, templates in plans:
             head = zero_shot_head(tower, classes, templates, opts.get("batch_size") or 256, device, progress, desc=name)
             save_head(tmp / f"{name}.safetensors", head, {**head_metadata(tower, templates), "task": name, "classes_from": str(path)})

@@ -27,11 +27,12 @@ import torch
 from wemoe.adaptation import distributed
 from wemoe.checkpoints.inputs import load_inputs
 from wemoe.clip.zeroshot import CLIP_SOURCE, ZeroShotHeads, is_clip_source
+from wemoe.core.memory import memory_limit
 from wemoe.core.runtime import dtype_name, parse_dtype, resolve_device
 from wemoe.core.tasks import TaskSpec
 from wemoe.data import read_classes
 from wemoe.errors import UsageError, WemoeError
-from wemoe.io.output import AtomicDirectory, check_destination, parse_size
+from wemoe.io.output import AtomicDirectory, check_destination, input_paths, parse_size
 from wemoe.merging.config import MergeConfig
 from wemoe.merging.engine import merged_tensors, native_entries
 from wemoe.methods import MergeMethod, MethodContext, MethodResult, get_method, params_record
@@ -111,15 +112,29 @@ def prepare_job(config: MergeConfig) -> MergeJob:
     dtype = parse_dtype(config.dtype)
     shard_size = parse_size(config.shard_size)
     if config.out and not config.dry_run and distributed.current().main:  # only rank 0 writes
-        check_destination(config.out, config.force)
+        check_destination(config.out, config.force, input_paths(*config.inputs()))
     inputs = load_inputs(config.base, [(t.name, t.checkpoint) for t in config.tasks], arch=config.arch, progress=not config.quiet)
     ctx = MethodContext(inputs, list(config.tasks), {}, config.params, device, config.seed, config.quiet)
     for note in inputs.notes:
         ctx.note(f"note: {note}")
     split = getattr(config.params, "split", "test")
     ctx.heads = load_task_heads(config.tasks, inputs.base.arch.output_dim, split, config.arch, device, not config.quiet)
+    check_batch_fits(config, ctx)
     state = method.prepare(ctx)
     return MergeJob(config, method, ctx, state, dtype, shard_size)
+
+
+def check_batch_fits(config: MergeConfig, ctx: MethodContext) -> None:
+    """A step's images for one task must fit in memory: --batch-size 10**14 is refused here, not by the allocator."""
+    batch = getattr(config.params, "batch_size", None)
+    if not isinstance(batch, int):
+        return
+    size = ctx.inputs.base.arch.image_size
+    need = batch * 3 * size * size * 4  # one task's preprocessed float32 images
+    have = memory_limit()
+    if need > have:
+        where = config.origins.get("batch_size", "--batch-size")
+        raise UsageError(f"{where} {batch} needs {need / 2**30:.3g} GiB for one task's images per step; this machine can hold {have / 2**30:.3g} GiB")
 
 
 def plan(job: MergeJob) -> str:
@@ -201,7 +216,7 @@ def run_merge(config: MergeConfig) -> Path | None:
         if world.size > 1 and not job.method.adapts:
             job.ctx.note(f"note: --method {config.method} does not adapt: rank 0 merges alone")
         result = job.method.run(job.ctx, job.state)
-        with AtomicDirectory(config.out, config.force) as tmp:
+        with AtomicDirectory(config.out, config.force, input_paths(*config.inputs())) as tmp:
             write_result(job, result, tmp)
         job.ctx.note(f"wrote {config.out} ({result.summary}, {time.perf_counter() - job.started:.1f} s)")
         return Path(config.out)
