@@ -136,6 +136,14 @@ RECORD_CASES = {
     "prefix": ("prefix", 5, "prefix"),
     "parameters": ("parameters", [1], "parameters"),
     "method": ("method", None, "method"),
+    "inputs_list": ("inputs", [1], "inputs"),
+    "inputs_tasks_list": ("inputs/tasks", [1], "inputs"),
+    "versions_text": ("versions", "x", "versions"),
+    "notes_number": ("notes", 5, "notes"),
+    "model_config_list": ("model_config", [1], "model_config"),
+    "scheme_unknown": ("scheme", "zzz", "scheme"),
+    "seed_negative": ("seed", -1, "seed"),
+    "heads_text": ("heads", "ab", "heads"),
 }
 
 
@@ -161,6 +169,16 @@ MOE_CASES = {
     "lambda_missing": ("wemoe/lambda", KeyError, "lambda"),
     "experts": ("wemoe/experts", ["a"], "experts"),
     "third_task": ("tasks", ["a", "b", "c"], "3 tasks"),
+    "adaptation_list": ("wemoe/adaptation", [1], "adaptation"),
+    "adaptation_data_list": ("wemoe/adaptation/data", [1], "adaptation.data"),
+    "adaptation_data_other_task": ("wemoe/adaptation/data", {"zz": {"path": "x"}}, "adaptation.data"),
+    "adaptation_path_number": ("wemoe/adaptation/data/a/path", 5, "path"),
+    "adaptation_loss_text": ("wemoe/adaptation/final_loss", "low", "final_loss"),
+    "adaptation_warnings": ("wemoe/adaptation/warnings", 5, "warnings"),
+    "adaptation_diagnostics": ("wemoe/adaptation/diagnostics", "x", "diagnostics"),
+    "unseen": ("wemoe/unseen", "zzz", "unseen"),
+    "coef_guard": ("wemoe/coef_guard", "zzz", "coef_guard"),
+    "expert_store": ("wemoe/expert_store", {"kind": "zzz"}, "zzz"),
 }
 
 
@@ -177,6 +195,25 @@ def test_tampered_moe_section_is_refused(o, capsys, case):
     refused(capsys, o, model, model.name, fragment)
 
 
+@pytest.mark.parametrize("case", ["adaptation_data_list", "expert_store", "scheme_unknown", "depth_1e9"])
+def test_every_command_that_reads_an_output_refuses_a_tampered_one(o, capsys, case):
+    path, value, fragment = {**RECORD_CASES, **MOE_CASES}[case]
+    model = tampered(o, "moe", setter(path, value))
+    commands = [
+        ("inspect", model),
+        ("export", model, "--task", "a", "--data", o.data, "--out", o.tmp / f"never_export_{case}"),
+        ("routes", model, "--task", f"a={o.data}"),
+        ("eval", model, "--task", f"a=:{o.data}", "--card"),
+    ]
+    before = digest(model)
+    for args in commands:
+        rc, out, err = run_cli(capsys, *args)
+        assert rc == 1, err
+        assert_one_line_error(rc, err, model.name, fragment)
+        assert "internal error" not in err
+    assert digest(model) == before and not (o.tmp / f"never_export_{case}").exists()
+
+
 @pytest.mark.parametrize("kind", ["static", "moe"])
 def test_record_that_lies_about_the_tensors(o, capsys, kind):
     """A consistent record whose architecture is not the tensors': refused from the file headers, not by building it."""
@@ -190,7 +227,7 @@ def test_record_that_lies_about_the_tensors(o, capsys, kind):
     "raw,fragment",
     [
         ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
-        ('{"format": "wemoe", "format_version": NaN}', "NaN"),
+        ('{"format": "wemoe", "format_version": NaN}', "format_version"),
         ("\udcff".encode("utf-8", "surrogateescape").decode("latin-1"), "config.json"),
         ('{"format": "wemoe", ', "config.json"),
     ],

@@ -15,7 +15,7 @@ from wemoe.commands.options import progress_enabled
 from wemoe.core.runtime import resolve_device
 from wemoe.core.tasks import check_unique, split_named
 from wemoe.data import check_labels, load_data
-from wemoe.errors import WemoeError
+from wemoe.errors import UsageError, WemoeError
 from wemoe.evaluation.accuracy import evaluate_task
 from wemoe.evaluation.task_agnostic import AgnosticResult, evaluate_task_agnostic
 from wemoe.io.output import check_not_input, input_paths
@@ -53,7 +53,7 @@ def parse_task_spec(spec: str) -> tuple[str, str | None, str]:
     if "=" in spec:
         name, rest = spec.split("=", 1)
         if not name:
-            raise WemoeError(f"empty task name in '{spec}'")
+            raise UsageError(f"empty task name in '{spec}'")
     else:
         name, rest = "", spec
     prefix = CLIP_SOURCE if is_clip_source(rest) else ""
@@ -62,9 +62,11 @@ def parse_task_spec(spec: str) -> tuple[str, str | None, str]:
         head, data = body.split(":", 1)
         head = prefix + head if head or prefix else None
     elif prefix:
-        raise WemoeError(f"'{spec}': a {CLIP_SOURCE} head is written NAME={CLIP_SOURCE}CLIP_CHECKPOINT:DATA")
+        raise UsageError(f"'{spec}': a {CLIP_SOURCE} head is written NAME={CLIP_SOURCE}CLIP_CHECKPOINT:DATA")
     else:
         head, data = None, body
+    if not data:
+        raise UsageError(f"--task '{spec}' names no data (NAME=HEAD:DATA)")
     return name or split_named(data)[0], head, data
 
 
@@ -95,7 +97,7 @@ def run_eval(opts: dict[str, Any]) -> None:
             head = loaded.heads[name]
         elif not head_path:
             stored = ", ".join(sorted(loaded.heads)) or "none"
-            raise WemoeError(f"unknown task '{name}': no head given and the model stores heads for: {stored}")
+            raise UsageError(f"unknown task '{name}': no head given and the model stores heads for: {stored}")
         data = load_data(data_path, opts.get("split") or "test").subset(opts.get("limit"))
         if zero_shot_head:  # built from the data's class names
             head = zero_shot.head(str(head_path), name, data.classes, data_path)
@@ -126,7 +128,7 @@ def run_eval(opts: dict[str, Any]) -> None:
 def check_task_agnostic(module: Any, path: str) -> None:
     """``--task-agnostic`` needs a model that routes (so has a task posterior) and a head for every merged task."""
     if not isinstance(module, WEMoEModel):
-        raise WemoeError("--task-agnostic needs a mixture-of-experts output (its routing says which task an image is); this is a plain checkpoint", path=path)
+        raise UsageError("--task-agnostic needs a mixture-of-experts output (its routing says which task an image is); this is a plain checkpoint", path=path)
     missing = [t for t in module.task_names if t not in module.heads]
     if missing:
         have = "stores no heads" if not module.heads else f"stores no head for {', '.join(missing)}"

@@ -11,7 +11,7 @@ import torch
 from wemoe.commands.options import echo_note, progress_enabled
 from wemoe.core.runtime import resolve_device
 from wemoe.data import load_data
-from wemoe.errors import WemoeError
+from wemoe.errors import UsageError
 from wemoe.evaluation.routing import mean_routing
 from wemoe.io.output import AtomicDirectory, check_destination, input_paths
 from wemoe.outputs.artifact import format_version, require_output, write_output
@@ -33,11 +33,11 @@ def run_export(opts: dict[str, Any]) -> None:
     model = load_wemoe(record, device=device)
     task = opts["task"]
     if task not in model.task_names:
-        raise WemoeError(f"unknown task '{task}' (experts: {', '.join(model.task_names)})")
+        raise UsageError(f"unknown task '{task}' (experts: {', '.join(model.task_names)})")
     recorded = record.section(MOE_SECTION).get("adaptation", {}).get("data", {}).get(task) or {}
     data_path = opts.get("data") or recorded.get("path")
     if not data_path:
-        raise WemoeError(f"no data for task '{task}': give --data (none was recorded at merge time)")
+        raise UsageError(f"no data for task '{task}': give --data (none was recorded at merge time)")
     data = load_data(data_path, opts.get("split") or "test").subset(opts.get("limit"))
     coefs = mean_routing(model, data, 64, device, progress_enabled(opts), desc=task)  # (routes, T)
     state = model.to("cpu").plain_state(coefs)

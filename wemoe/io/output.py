@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from wemoe.errors import WemoeError
+from wemoe.errors import UsageError, WemoeError
 from wemoe.io.safetensors_io import SafetensorsWriter, _element_size
 
 TMP_MARK = ".wemoe-tmp-"
@@ -26,9 +26,9 @@ INDEX_FILE = "model.safetensors.index.json"
 
 def parse_size(text: str | int) -> int:
     """'2GB', '500MB', '1.5GiB' or a byte count."""
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
         return text
-    s = str(text).strip().upper().replace("IB", "B")
+    s = str(text)[:100].strip().upper().replace("IB", "B")
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
     for unit, mult in units.items():
         if s.endswith(unit):
@@ -36,7 +36,7 @@ def parse_size(text: str | int) -> int:
                 value = float(s[: -len(unit)])
             except ValueError:
                 break
-            if value <= 0:
+            if not 0 < value < 1e18:  # nan, inf and sizes no disk holds
                 break
             return int(value * mult)
     try:
@@ -45,7 +45,7 @@ def parse_size(text: str | int) -> int:
             return value
     except ValueError:
         pass
-    raise WemoeError(f"invalid size '{text}' (examples: 2GB, 500MB)")
+    raise UsageError(f"invalid size {str(text)[:40]!r} (examples: 2GB, 500MB)")
 
 
 def _pid_alive(pid: int) -> bool:

@@ -327,7 +327,7 @@ def merge_config(config: str | Path | None = None, **given: Any) -> MergeConfig:
     seed = pick("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise UsageError(f"seed must be an integer from 0 to {MAX_SEED} (the random generators' range), got {_kind(seed)}")
-    device = given.get("device") or "auto"
+    device = given.get("device") if given.get("device") is not None else "auto"
     if not isinstance(device, str) or device not in DEVICES:
         raise UsageError(f"device must be one of {', '.join(DEVICES)}, got {_kind(device)}")
     shard_size = pick("shard_size", DEFAULT_SHARD_SIZE)

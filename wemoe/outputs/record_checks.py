@@ -26,8 +26,10 @@ from wemoe.errors import WemoeError
 from wemoe.io.safetensors_io import load_tensors
 from wemoe.io.sources import TensorSource
 from wemoe.model.heads import Head
-from wemoe.moe.block import GROUPS
+from wemoe.moe.block import COEF_GUARDS, GROUPS
+from wemoe.moe.unseen import FALLBACKS
 from wemoe.outputs.layout import HEADS_FILE, MOE_SECTION
+from wemoe.schemes import get_scheme
 
 MAX_RECORD_BYTES = 16 << 20  # a record is a few KiB; its diagnostics a few more
 MAX_TASKS = 1024
@@ -39,14 +41,11 @@ def _bad(name: str, message: str, path: Path) -> WemoeError:
     return WemoeError(f"{name}: {message}", path=path)
 
 
-def _refuse_constant(text: str) -> Any:
-    raise ValueError(f"{text} is not a JSON number")
-
-
 def parse_record(text: str) -> Any:
-    """JSON without NaN/Infinity; nesting too deep for the parser is a ValueError like any other malformed record."""
+    """JSON (NaN stays readable: a diverged run records its losses so); nesting too deep for the
+    parser is a ValueError like any other malformed record. Every field a reader uses is then checked finite."""
     try:
-        return json.loads(text, parse_constant=_refuse_constant)
+        return json.loads(text)
     except RecursionError:
         raise ValueError("nested too deeply") from None
 
@@ -114,10 +113,71 @@ def _check_moe_section(moe: Mapping[str, Any], depth: int, tasks: list[str], pat
     for key in ("coef_guard", "unseen"):
         if key in moe and not isinstance(moe[key], str):
             raise _bad(name, f"'{MOE_SECTION}.{key}' must be a string", path)
+    if moe.get("unseen", "route") not in FALLBACKS:
+        raise _bad(name, f"'{MOE_SECTION}.unseen' must be one of {', '.join(FALLBACKS)}", path)
+    if moe.get("coef_guard", "clamp") not in COEF_GUARDS:
+        raise _bad(name, f"'{MOE_SECTION}.coef_guard' must be one of {', '.join(COEF_GUARDS)}", path)
     if "rest" in moe and not isinstance(moe["rest"], bool):
         raise _bad(name, f"'{MOE_SECTION}.rest' must be true or false", path)
     if "experts" in moe and moe["experts"] != tasks:
         raise _bad(name, f"'{MOE_SECTION}.experts' does not list the record's tasks", path)
+
+
+def _mapping_or_none(value: Any) -> bool:
+    return value is None or isinstance(value, dict)
+
+
+def _check_adaptation(section: Mapping[str, Any], tasks: list[str], path: Path, name: str, where: str) -> None:
+    """What the model card and ``wemoe export`` read of an adaptation: data per task, losses, warnings."""
+    adaptation = section.get("adaptation")
+    if adaptation is None:
+        return
+    if not isinstance(adaptation, dict):
+        raise _bad(name, f"'{where}.adaptation' must be a mapping", path)
+    data = adaptation.get("data")
+    if not _mapping_or_none(data) or not all(t in tasks and isinstance(d, dict) for t, d in (data or {}).items()):
+        raise _bad(name, f"'{where}.adaptation.data' must map task names of 'tasks' to their data", path)
+    for task, d in (data or {}).items():
+        if not isinstance(d.get("path"), (str, type(None))):
+            raise _bad(name, f"'{where}.adaptation.data.{task}.path' must be a path", path)
+    for key in ("initial_loss", "final_loss"):
+        value = adaptation.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise _bad(name, f"'{where}.adaptation.{key}' must be a number", path)
+    if adaptation.get("final_loss") is not None and adaptation.get("initial_loss") is None:
+        raise _bad(name, f"'{where}.adaptation' has a final loss but no initial loss", path)
+    warnings = adaptation.get("warnings")
+    if warnings is not None and (not isinstance(warnings, list) or not all(isinstance(w, str) for w in warnings)):
+        raise _bad(name, f"'{where}.adaptation.warnings' must list messages", path)
+    if not _mapping_or_none(adaptation.get("diagnostics")):
+        raise _bad(name, f"'{where}.adaptation.diagnostics' must be a mapping", path)
+
+
+def _check_sections(cfg: Mapping[str, Any], tasks: list[str], path: Path, name: str) -> None:
+    """The parts of a record that the model card, ``inspect`` and ``export`` read, besides the model's description."""
+    for key in ("inputs", "versions", "model_config"):
+        if not _mapping_or_none(cfg.get(key)):
+            raise _bad(name, f"'{key}' must be a mapping", path)
+    inputs = cfg.get("inputs") or {}
+    if not _mapping_or_none(inputs.get("base")) or not _mapping_or_none(inputs.get("tasks")):
+        raise _bad(name, "'inputs' must hold a 'base' mapping and a 'tasks' mapping", path)
+    if not all(isinstance(t, dict) for t in (inputs.get("tasks") or {}).values()):
+        raise _bad(name, "'inputs.tasks' must map task names to mappings", path)
+    notes = cfg.get("notes")
+    if notes is not None and (not isinstance(notes, list) or not all(isinstance(n, str) for n in notes)):
+        raise _bad(name, "'notes' must list messages", path)
+    if cfg.get("source") is not None and not isinstance(cfg["source"], str):
+        raise _bad(name, "'source' must be a path", path)
+    if "seed" in cfg and not _int(cfg["seed"], 0, 2**64):
+        raise _bad(name, "'seed' must be a non-negative integer", path)
+    try:
+        get_scheme(cfg["scheme"])
+    except WemoeError as exc:
+        raise _bad(name, str(exc), path) from None
+    section_name = MOE_SECTION if isinstance(cfg.get(MOE_SECTION), dict) else cfg["method"]
+    section = cfg.get(section_name)
+    if isinstance(section, dict):
+        _check_adaptation(section, tasks, path, name, section_name)
 
 
 def check_record(cfg: Mapping[str, Any], path: Path, name: str) -> None:
@@ -145,6 +205,7 @@ def check_record(cfg: Mapping[str, Any], path: Path, name: str) -> None:
     if not isinstance(arch, dict):
         raise _bad(name, "'architecture' is missing or not a mapping", path)
     _check_arch(arch, path, name)
+    _check_sections(cfg, tasks, path, name)
     moe = cfg.get(MOE_SECTION)
     if isinstance(moe, dict):
         _check_moe_section(moe, arch["depth"], tasks, path, name)
