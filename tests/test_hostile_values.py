@@ -283,3 +283,67 @@ def test_diverged_adaptation_writes_nothing(v, capsys, method):
     )
     assert_one_line_error(rc, err, "NaN or Inf", "nothing was written")
     nothing_written(v, out)
+
+
+# --------------------------------------------------------------------------- JSON inside input files
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def test_deeply_nested_or_mistyped_json_in_inputs(v, capsys):
+    """--arch files, a Hugging Face folder's config.json, a safetensors header and its metadata: one line each, never a RecursionError."""
+    import json
+    import shutil
+    import struct
+
+    def arch_file(name: str, text: str) -> Path:
+        p = v.tmp / f"arch_{name}.json"
+        p.write_text(text)
+        return p
+
+    cases = [
+        (["--arch", arch_file("deep", DEEP)], "nested too deeply"),
+        (["--arch", arch_file("mean", json.dumps({"mean": "grey"}))], "mean"),
+        (["--arch", arch_file("std", json.dumps({"std": [1, 0, 1]}))], "std"),
+        (["--arch", arch_file("eps", json.dumps({"layer_norm_eps": "small"}))], "layer_norm_eps"),
+        (["--arch", arch_file("not_utf8", "\udcff".encode("utf-8", "surrogateescape").decode("latin-1"))], "arch_not_utf8.json"),
+    ]
+    for args, fragment in cases:
+        rc, err, out = merge(capsys, v, *args, "--dry-run")
+        assert_one_line_error(rc, err, fragment)
+    hf = v.tmp / "hf_deep"
+    hf.mkdir()
+    shutil.copy(v.base, hf / "model.safetensors")
+    (hf / "config.json").write_text('{"a":' * 100_000 + "1" + "}" * 100_000)
+    rc, _, err = run_cli(capsys, "merge", "--base", hf, "--tasks", *v.names, "--out", v.tmp / "never_hf", "--dry-run")
+    assert_one_line_error(rc, err, "config.json", "nested too deeply")
+    header = DEEP.encode()
+    deep_header = v.tmp / "deep_header.safetensors"
+    deep_header.write_bytes(struct.pack("<Q", len(header)) + header)
+    rc, err, out = merge(capsys, v, "--tasks", f"c={deep_header}", "--dry-run")
+    assert_one_line_error(rc, err, "deep_header.safetensors", "not valid JSON")
+    tensors, meta = load_tensors(v.tasks[0])
+    for name, text in (("list", "[1]"), ("text", '"ViT"'), ("deep", DEEP[:20_000] + DEEP[-20_000:])):
+        p = v.tmp / f"meta_arch_{name}.safetensors"
+        save_tensors(p, tensors, {**meta, "architecture": text})
+        rc, _, err = run_cli(capsys, "merge", "--base", v.base, "--tasks", f"a={p}", "--out", v.tmp / "never_meta", "--dry-run", "-q")
+        assert rc == 0, err  # architecture metadata that is not a JSON object is no hint, as text that is not JSON never was
+
+
+def test_class_names_and_templates_are_bounded(v, capsys):
+    """A 10 MB class name would only cost the tokenizer minutes: CLIP reads 77 tokens, so names and templates are capped."""
+    _, oc_path, _ = write_clip(v.tmp / "clip_bounded")
+    long_name = v.tmp / "classes_long.txt"
+    long_name.write_text("cat\n" + "x" * 2_000_000 + "\n")
+    out = v.tmp / "heads_long"
+    rc, _, err = run_cli(capsys, "heads", "--clip", oc_path, "--task", f"shapes={long_name}", "--out", out, "-q")
+    assert_one_line_error(rc, err, "classes_long.txt", "class 2", "characters")
+    assert len(err) < 2500 and not out.exists()
+    classes = v.tmp / "classes_ok.txt"
+    classes.write_text("cat\ndog\n")
+    templates = v.tmp / "templates_long.txt"
+    templates.write_text("a photo of {}" + "!" * 5000 + "\n")
+    rc, _, err = run_cli(capsys, "heads", "--clip", oc_path, "--task", f"shapes={classes}", "--templates", templates, "--out", out, "-q")
+    assert_one_line_error(rc, err, "templates_long.txt", "characters")
+    assert not out.exists()
