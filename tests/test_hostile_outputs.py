@@ -221,6 +221,9 @@ def test_record_that_lies_about_the_tensors(o, capsys, kind):
     refused(capsys, o, model, model.name, "depth")
     model = tampered(o, kind, setter("architecture/mlp_width", 128))
     refused(capsys, o, model, model.name, "mlp_width" if kind == "static" else "fc1")
+    for field, value in (("patch_bias", True), ("pre_norm", False)):
+        model = tampered(o, kind, setter(f"architecture/{field}", value))
+        refused(capsys, o, model, model.name, field if kind == "static" else "does not match")
 
 
 @pytest.mark.parametrize(

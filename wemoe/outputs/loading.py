@@ -27,7 +27,7 @@ def _stored_heads(record: OutputRecord, feature_dim: int) -> dict[str, Head]:
 
 def _plain_state(record: OutputRecord, ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     """A plain output's tensors, once its record agrees with their architecture and they are finite."""
-    check_plain_arch(record.architecture, ckpt.arch, record.path)
+    check_plain_arch(record.architecture, ckpt.arch, ckpt.keys(), record.path)
     state = ckpt.state_dict()
     check_finite(state, record.path)
     return state

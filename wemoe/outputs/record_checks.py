@@ -241,11 +241,21 @@ def check_moe_shapes(arch: ViTArch, tasks: list[str], source: TensorSource, path
         raise WemoeError(f"config.json lists {len(tasks)} tasks but the routers choose among {sorted(router_outputs)} experts", path=path)
 
 
-def check_plain_arch(recorded: ViTArch, found: ViTArch, path: Path) -> None:
-    """A plain output's record against the architecture its tensors have."""
+def _check_optional_tensors(arch: ViTArch, keys: set[str], path: Path) -> None:
+    """The record's yes/no fields against the tensors that exist: a patch bias, a norm before the blocks."""
+    for field_name, key in (("patch_bias", "patch_embed.proj.bias"), ("pre_norm", "norm_pre.weight")):
+        if getattr(arch, field_name) != (key in keys):
+            raise WemoeError(
+                f"config.json says {field_name}={getattr(arch, field_name)} but the model file {'has' if key in keys else 'has no'} '{key}'", path=path
+            )
+
+
+def check_plain_arch(recorded: ViTArch, found: ViTArch, keys: list[str], path: Path) -> None:
+    """A plain output's record against the architecture its tensors have (``keys``: canonical tensor names)."""
     for key in ("width", "depth", "heads", "patch_size", "image_size", "mlp_width", "embed_dim", "activation"):
         if getattr(recorded, key) != getattr(found, key):
             raise WemoeError(f"config.json says {key}={getattr(recorded, key)} but the model file has {key}={getattr(found, key)}", path=path)
+    _check_optional_tensors(recorded, set(keys), path)
 
 
 def check_finite(state: Mapping[str, torch.Tensor], path: Path) -> None:
