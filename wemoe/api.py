@@ -48,15 +48,12 @@ def merge(
     compute; nothing is written unless the whole merge succeeds.
     """
 
-    def path(v):
-        return None if v is None else str(v)
-
     cfg = merge_config(
         config,
-        base=path(base),
+        base=base,
         tasks=tasks,
         method=method,
-        out=path(out),
+        out=out,
         heads=heads,
         data=data,
         arch=arch,

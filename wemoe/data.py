@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from wemoe.core.arch import ViTArch
+from wemoe.core.memory import memory_limit
 from wemoe.errors import WemoeError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -79,14 +80,20 @@ def _stack(images: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
 
 
 def _check_image(path: Path) -> None:
-    """Refuse a file that is not a readable image before any compute: the format is
-    identified from its header and, for formats whose chunks carry checksums (PNG),
-    every chunk is checked, so truncated and corrupted files are caught here."""
+    """Refuse a file that is not a readable image before any compute: the chunks are verified
+    (PNG checksums) and then the whole image is decoded, so truncated JPEGs, PNGs whose checksums
+    hold over corrupt data and zero-sized images are caught here, not mid-adaptation."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             im.verify()
+        with Image.open(path) as im:
+            if im.width < 1 or im.height < 1:
+                raise WemoeError(f"image is empty ({im.width}x{im.height})", path=path)
+            im.convert("RGB")  # decodes every pixel, as the run will
+    except WemoeError:
+        raise
     except Exception as exc:
         raise WemoeError(f"cannot read image ({type(exc).__name__})", path=path) from None
 
@@ -98,6 +105,8 @@ def _to_rgb_uint8(x: np.ndarray, path: str) -> np.ndarray:
         x = np.repeat(x[..., None], 3, axis=-1)
     if x.ndim != 4 or x.shape[-1] not in (1, 3, 4):
         raise WemoeError(f"images must be (N,H,W) or (N,H,W,C) with C in 1/3/4, got {x.shape}", path=path)
+    if 0 in x.shape[1:3]:
+        raise WemoeError(f"images are empty (shape {x.shape})", path=path)
     if x.shape[-1] == 1:
         x = np.repeat(x, 3, axis=-1)
     return np.ascontiguousarray(x[..., :3])
@@ -119,16 +128,35 @@ def preprocess(images: np.ndarray | list[np.ndarray], arch: ViTArch, device: str
     return (x - mean) / std
 
 
+def _check_npz_member(z: np.lib.npyio.NpzFile, key: str, path: Path) -> None:
+    """Read an array's header before its data: a few compressed bytes may claim (or inflate to) more than memory holds."""
+    info = z.zip.getinfo(f"{key}.npy")
+    with z.zip.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    limit = memory_limit()
+    if max(claimed, info.file_size) > limit:
+        raise WemoeError(f"array '{key}' claims {max(claimed, info.file_size) / 2**30:.3g} GiB; this machine can hold {limit / 2**30:.3g} GiB", path=path)
+    if claimed > info.file_size:
+        raise WemoeError(f"array '{key}' claims shape {shape} but holds only {info.file_size} bytes", path=path)
+
+
 def _load_npz(path: Path, split: str) -> TaskData:
     try:
         with np.load(path, allow_pickle=False) as z:
             files = set(z.files)
             if f"x_{split}" in files:
-                x, y = z[f"x_{split}"], z.get(f"y_{split}")
+                keys = (f"x_{split}", f"y_{split}")
             elif "x" in files:
-                x, y = z["x"], z.get("y")
+                keys = ("x", "y")
             else:
-                raise WemoeError(f"no 'x_{split}' or 'x' array (found: {', '.join(sorted(files))})", path=path)
+                raise WemoeError(f"no 'x_{split}' or 'x' array (found: {', '.join(sorted(files))[:300]})", path=path)
+            for key in (*keys, "classes"):
+                if key in files:
+                    _check_npz_member(z, key, path)
+            x, y = z[keys[0]], z.get(keys[1])
             classes = [str(c) for c in z["classes"]] if "classes" in files else None
     except WemoeError:
         raise

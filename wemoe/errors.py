@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+MAX_MESSAGE = 2000  # characters of one error line
+
 
 class WemoeError(Exception):
     """A user-facing error: bad input, bad option, refused output path."""
@@ -21,6 +23,8 @@ class WemoeError(Exception):
         if tensor:
             where.append(f"tensor '{tensor}'")
         text = f"{': '.join(where)}: {message}" if where else message
+        if len(text) > MAX_MESSAGE:  # a message echoes what it was given; a hostile value may be huge
+            text = text[: MAX_MESSAGE - 15] + " ... (cut off)"
         super().__init__(text)
 
 

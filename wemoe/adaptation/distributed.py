@@ -42,6 +42,7 @@ from wemoe.errors import ReportedElsewhere, UsageError, WemoeError
 
 TIMEOUT_ENV = "WEMOE_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
+MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a week
 T = TypeVar("T")
 
 
@@ -62,8 +63,8 @@ def timeout_seconds() -> float:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value > 0:
-        raise WemoeError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {text!r}")
+    if not 0 < value <= MAX_TIMEOUT_S:  # inf and nan too: a timedelta cannot hold them
+        raise WemoeError(f"{TIMEOUT_ENV} must be a positive number of seconds up to {MAX_TIMEOUT_S:g}, got {text[:40]!r}")
     return value
 
 
@@ -144,7 +145,9 @@ def launched() -> World | None:
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         return None
     size = _env_int("WORLD_SIZE")
-    if size <= 1:
+    if size < 1:
+        raise WemoeError(f"WORLD_SIZE={size} is not a number of processes (torchrun sets it to at least 1)")
+    if size == 1:
         return None
     rank = _env_int("RANK")
     local = _env_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else rank

@@ -167,6 +167,8 @@ def read_template_file(path: str | Path) -> Templates:
         text = line.strip()
         if not text:
             continue
+        if len(text) > 1000:  # CLIP's context holds 77 tokens
+            raise WemoeError(f"template on line {number} has {len(text)} characters (at most 1000)", path=p)
         if PLACEHOLDER not in text:
             raise WemoeError(f"template on line {number} has no '{{}}' where the class name goes: {text!r}", path=p)
         prompts.append(text)

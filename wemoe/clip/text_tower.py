@@ -80,6 +80,9 @@ def _text_arch(image: Checkpoint, match: SchemeMatch, path: Path) -> TextArch:
     )
 
 
+MAX_LOG_SCALE = 60.0  # exp(60) ~ 1e26: far past any trained CLIP, far below float32's limit
+
+
 def _logit_scale(image: Checkpoint, match: SchemeMatch, path: Path) -> float:
     key = logit_scale_key(image.source.keys(), match.prefix)
     if key is None:
@@ -87,6 +90,8 @@ def _logit_scale(image: Checkpoint, match: SchemeMatch, path: Path) -> float:
     value = image.source.get(key).float()
     if value.numel() != 1 or not math.isfinite(value.item()):
         raise WemoeError("logit_scale must be one finite number", path=path, tensor=key)
+    if value.item() > MAX_LOG_SCALE:  # exp() would overflow float32 head weights to Inf
+        raise WemoeError(f"logit_scale {value.item():g} is past {MAX_LOG_SCALE} (CLIP's is ln 100 = 4.6)", path=path, tensor=key)
     return math.exp(value.item())
 
 

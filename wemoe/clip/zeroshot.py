@@ -34,6 +34,9 @@ def is_clip_source(spec: str | None) -> bool:
     return bool(spec) and str(spec).startswith(CLIP_SOURCE)
 
 
+MAX_TEXT = 1000  # characters of a class name or a template: CLIP's context holds 77 tokens
+
+
 def check_class_names(names: Sequence[str], where: str | Path) -> list[str]:
     """Refuse no classes, blank names and duplicates: a head row per distinct class."""
     if not names:
@@ -42,6 +45,8 @@ def check_class_names(names: Sequence[str], where: str | Path) -> list[str]:
     for i, name in enumerate(names, 1):
         if not name.strip():
             raise WemoeError(f"class {i} has an empty name", path=where)
+        if len(name) > MAX_TEXT:  # CLIP reads 77 tokens; a longer name only costs tokenizer time and memory
+            raise WemoeError(f"class {i} has a name of {len(name)} characters (at most {MAX_TEXT})", path=where)
         if name in seen:
             raise WemoeError(f"class '{name}' is listed twice (entries {seen[name]} and {i})", path=where)
         seen[name] = i

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,10 @@ from wemoe.commands.options import progress_enabled
 from wemoe.core.runtime import resolve_device
 from wemoe.core.tasks import check_unique, split_named
 from wemoe.data import check_labels, load_data
-from wemoe.errors import WemoeError
+from wemoe.errors import UsageError, WemoeError
 from wemoe.evaluation.accuracy import evaluate_task
 from wemoe.evaluation.task_agnostic import AgnosticResult, evaluate_task_agnostic
+from wemoe.io.output import check_not_input, input_paths
 from wemoe.methods import REGISTRY
 from wemoe.model.heads import load_head
 from wemoe.moe.model import WEMoEModel
@@ -32,9 +34,10 @@ def method_summary(record: OutputRecord) -> str:
     return cls.summary if cls is not None else EXPORT_SUMMARY
 
 
-def check_report_path(path: str | Path) -> None:
-    """Refuse a report path that cannot be written before any compute."""
+def check_report_path(path: str | Path, inputs: Iterable[str | Path | None] = ()) -> None:
+    """Refuse a report path that cannot be written, or would replace an input, before any compute."""
     p = Path(path)
+    check_not_input(p, input_paths(*inputs), file=True)
     if p.is_dir():
         raise WemoeError("report path is a directory", path=p)
     if not p.resolve().parent.is_dir():
@@ -50,7 +53,7 @@ def parse_task_spec(spec: str) -> tuple[str, str | None, str]:
     if "=" in spec:
         name, rest = spec.split("=", 1)
         if not name:
-            raise WemoeError(f"empty task name in '{spec}'")
+            raise UsageError(f"empty task name in '{spec}'")
     else:
         name, rest = "", spec
     prefix = CLIP_SOURCE if is_clip_source(rest) else ""
@@ -59,9 +62,11 @@ def parse_task_spec(spec: str) -> tuple[str, str | None, str]:
         head, data = body.split(":", 1)
         head = prefix + head if head or prefix else None
     elif prefix:
-        raise WemoeError(f"'{spec}': a {CLIP_SOURCE} head is written NAME={CLIP_SOURCE}CLIP_CHECKPOINT:DATA")
+        raise UsageError(f"'{spec}': a {CLIP_SOURCE} head is written NAME={CLIP_SOURCE}CLIP_CHECKPOINT:DATA")
     else:
         head, data = None, body
+    if not data:
+        raise UsageError(f"--task '{spec}' names no data (NAME=HEAD:DATA)")
     return name or split_named(data)[0], head, data
 
 
@@ -73,7 +78,7 @@ def run_eval(opts: dict[str, Any]) -> None:
         raise click.UsageError("no --task given (NAME=HEAD:DATA)")
     check_unique([s[0] for s in specs])
     if opts.get("json_path"):
-        check_report_path(opts["json_path"])
+        check_report_path(opts["json_path"], [opts["model"], opts.get("arch"), *(p for _, head, data in specs for p in (head, data))])
     record = require_output(opts["model"]) if opts.get("card") else None
     device = resolve_device(opts.get("device") or "auto")
     progress = progress_enabled(opts)
@@ -92,7 +97,7 @@ def run_eval(opts: dict[str, Any]) -> None:
             head = loaded.heads[name]
         elif not head_path:
             stored = ", ".join(sorted(loaded.heads)) or "none"
-            raise WemoeError(f"unknown task '{name}': no head given and the model stores heads for: {stored}")
+            raise UsageError(f"unknown task '{name}': no head given and the model stores heads for: {stored}")
         data = load_data(data_path, opts.get("split") or "test").subset(opts.get("limit"))
         if zero_shot_head:  # built from the data's class names
             head = zero_shot.head(str(head_path), name, data.classes, data_path)
@@ -123,7 +128,7 @@ def run_eval(opts: dict[str, Any]) -> None:
 def check_task_agnostic(module: Any, path: str) -> None:
     """``--task-agnostic`` needs a model that routes (so has a task posterior) and a head for every merged task."""
     if not isinstance(module, WEMoEModel):
-        raise WemoeError("--task-agnostic needs a mixture-of-experts output (its routing says which task an image is); this is a plain checkpoint", path=path)
+        raise UsageError("--task-agnostic needs a mixture-of-experts output (its routing says which task an image is); this is a plain checkpoint", path=path)
     missing = [t for t in module.task_names if t not in module.heads]
     if missing:
         have = "stores no heads" if not module.heads else f"stores no head for {', '.join(missing)}"

@@ -11,9 +11,9 @@ import torch
 from wemoe.commands.options import echo_note, progress_enabled
 from wemoe.core.runtime import resolve_device
 from wemoe.data import load_data
-from wemoe.errors import WemoeError
+from wemoe.errors import UsageError
 from wemoe.evaluation.routing import mean_routing
-from wemoe.io.output import AtomicDirectory, check_destination
+from wemoe.io.output import AtomicDirectory, check_destination, input_paths
 from wemoe.outputs.artifact import format_version, require_output, write_output
 from wemoe.outputs.hf_config import own_model_config
 from wemoe.outputs.layout import MOE_SECTION
@@ -26,17 +26,18 @@ KEPT = ("format", "format_version", "architecture", "scheme", "prefix", "activat
 
 
 def run_export(opts: dict[str, Any]) -> None:
-    check_destination(opts["out"], bool(opts.get("force")))
+    inputs = input_paths(opts["model"], opts.get("data"))
+    check_destination(opts["out"], bool(opts.get("force")), inputs)
     record = require_output(opts["model"], moe=True)
     device = resolve_device(opts.get("device") or "auto")
     model = load_wemoe(record, device=device)
     task = opts["task"]
     if task not in model.task_names:
-        raise WemoeError(f"unknown task '{task}' (experts: {', '.join(model.task_names)})")
+        raise UsageError(f"unknown task '{task}' (experts: {', '.join(model.task_names)})")
     recorded = record.section(MOE_SECTION).get("adaptation", {}).get("data", {}).get(task) or {}
     data_path = opts.get("data") or recorded.get("path")
     if not data_path:
-        raise WemoeError(f"no data for task '{task}': give --data (none was recorded at merge time)")
+        raise UsageError(f"no data for task '{task}': give --data (none was recorded at merge time)")
     data = load_data(data_path, opts.get("split") or "test").subset(opts.get("limit"))
     coefs = mean_routing(model, data, 64, device, progress_enabled(opts), desc=task)  # (routes, T)
     state = model.to("cpu").plain_state(coefs)
@@ -58,7 +59,7 @@ def run_export(opts: dict[str, Any]) -> None:
     )
     heads = {task: model.heads[task]} if task in model.heads else None
     model_config = own_model_config(record.scheme, record.raw.get("model_config"), record.architecture, dtype)
-    with AtomicDirectory(opts["out"], bool(opts.get("force"))) as tmp:
+    with AtomicDirectory(opts["out"], bool(opts.get("force")), input_paths(opts["model"], data_path)) as tmp:
         entries = [(k, v.dtype, tuple(v.shape)) for k, v in native.items()]
         write_output(tmp, config, entries, lambda: iter(native.items()), heads=heads, model_config=model_config, summary=EXPORT_SUMMARY)
     echo_note(opts, f"wrote {opts['out']} (plain {record.scheme} checkpoint for task '{task}')")

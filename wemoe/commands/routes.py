@@ -24,7 +24,7 @@ def run_routes(opts: dict[str, Any]) -> None:
         raise click.UsageError("no --task given (NAME=DATA)")
     for key in ("png", "json_path"):
         if opts.get(key):
-            check_report_path(opts[key])
+            check_report_path(opts[key], [opts["model"], *(path for _, _, path in specs)])
     device = resolve_device(opts.get("device") or "auto")
     check_unique([s[0] for s in specs])
     model = load_wemoe(require_output(opts["model"], moe=True), device=device)

@@ -8,10 +8,12 @@ recorded explicitly in every output so a merged model rebuilds exactly.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wemoe.core import json_text
 from wemoe.errors import WemoeError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -65,7 +67,14 @@ class ViTArch:
         d = dict(d)
         for key in ("mean", "std"):
             if key in d:
-                d[key] = tuple(float(v) for v in d[key])
+                value = d[key]
+                ok = isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+                if not ok or not all(math.isfinite(v) for v in value) or (key == "std" and min(value) <= 0):
+                    raise WemoeError(f"architecture field {key} must be 3 finite numbers{' above 0' if key == 'std' else ''}, got {str(value)[:60]}")
+                d[key] = tuple(float(v) for v in value)
+        eps = d.get("layer_norm_eps", 1e-5)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise WemoeError(f"architecture field layer_norm_eps must be a number between 0 and 1, got {str(eps)[:60]}")
         d.setdefault("source", source)
         try:
             return cls(**d)
@@ -129,8 +138,8 @@ def arch_from_name_or_file(spec: str) -> dict[str, Any]:
     path = Path(spec)
     if path.suffix == ".json" or path.is_file():
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            data = json_text.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise WemoeError(f"cannot read architecture JSON ({exc})", path=path) from None
         if not isinstance(data, dict):
             raise WemoeError("architecture JSON must be an object", path=path)
@@ -174,9 +183,11 @@ def arch_from_metadata(metadata: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "architecture" in metadata:
         try:
-            out.update(json.loads(metadata["architecture"]))
+            stored = json_text.loads(metadata["architecture"])
         except json.JSONDecodeError:
-            pass
+            stored = None
+        if isinstance(stored, dict):  # anything else is no hint, like text that is not JSON
+            out.update(stored)
     aliases = {"layers": "depth"}
     for key, value in metadata.items():
         key = aliases.get(key, key)

@@ -33,3 +33,20 @@ def return_freed_memory_to_os(threshold: int = THRESHOLD_BYTES) -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, int(threshold)))
+
+
+def memory_limit() -> int:
+    """Bytes this process can hold at most: physical memory, or the address-space limit when one is set lower.
+
+    Numbers a user gives (a batch size) and sizes a file claims are checked against it
+    before anything is allocated, so a typo ends in one line instead of an allocation failure.
+    """
+    import os
+    import resource
+
+    try:
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        limit = 1 << 50
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return min(limit, soft) if soft not in (resource.RLIM_INFINITY, -1) and soft > 0 else limit

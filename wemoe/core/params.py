@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, get_type_hints
@@ -96,9 +97,9 @@ class ParamInfo:
 
     def _check_range(self, number: float, where: str) -> None:
         if self.low is not None and (number <= self.low if self.low_open else number < self.low):
-            raise WemoeError(f"{where} must be {'>' if self.low_open else '>='} {self.low:g}, got {number:g}")
+            raise WemoeError(f"{where} must be {'>' if self.low_open else '>='} {self.low:g}, got {_number(number)}")
         if self.high is not None and number > self.high:
-            raise WemoeError(f"{where} must be <= {self.high:g}, got {number:g}")
+            raise WemoeError(f"{where} must be <= {self.high:g}, got {_number(number)}")
 
     def describe_range(self) -> str:
         if self.choices:
@@ -111,10 +112,25 @@ class ParamInfo:
         return ", ".join(parts)
 
 
+_BOUNDED = reprlib.Repr()
+_BOUNDED.maxlevel, _BOUNDED.maxstring, _BOUNDED.maxother, _BOUNDED.maxlong = 3, 60, 60, 40
+
+
 def _short(value: Any, limit: int = 60) -> str:
-    """A value as messages show it: repr, cut to ``limit`` characters (a hostile value may be huge)."""
-    text = repr(value)
+    """A value as messages show it: a bounded repr, cut to ``limit`` characters (a hostile value may be huge,
+    or a YAML alias bomb that a full repr would expand to gigabytes)."""
+    try:
+        text = _BOUNDED.repr(value)
+    except (ValueError, RecursionError):  # an integer past Python's digit limit
+        text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _number(number: float) -> str:
+    try:
+        return f"{number:g}"
+    except OverflowError:  # an integer too large for a float
+        return _short(number)
 
 
 def _as_int(value: Any) -> int:

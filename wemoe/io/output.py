@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from wemoe.errors import WemoeError
+from wemoe.errors import UsageError, WemoeError
 from wemoe.io.safetensors_io import SafetensorsWriter, _element_size
 
 TMP_MARK = ".wemoe-tmp-"
@@ -26,9 +26,9 @@ INDEX_FILE = "model.safetensors.index.json"
 
 def parse_size(text: str | int) -> int:
     """'2GB', '500MB', '1.5GiB' or a byte count."""
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
         return text
-    s = str(text).strip().upper().replace("IB", "B")
+    s = str(text)[:100].strip().upper().replace("IB", "B")
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
     for unit, mult in units.items():
         if s.endswith(unit):
@@ -36,7 +36,7 @@ def parse_size(text: str | int) -> int:
                 value = float(s[: -len(unit)])
             except ValueError:
                 break
-            if value <= 0:
+            if not 0 < value < 1e18:  # nan, inf and sizes no disk holds
                 break
             return int(value * mult)
     try:
@@ -45,7 +45,7 @@ def parse_size(text: str | int) -> int:
             return value
     except ValueError:
         pass
-    raise WemoeError(f"invalid size '{text}' (examples: 2GB, 500MB)")
+    raise UsageError(f"invalid size {str(text)[:40]!r} (examples: 2GB, 500MB)")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -74,9 +74,58 @@ def clean_stale(dest: Path) -> None:
                 shutil.rmtree(entry, ignore_errors=True)
 
 
-def check_destination(dest: str | Path, force: bool) -> Path:
-    """Refuse an unusable output path before any work is done."""
+def input_paths(*values: str | Path | None) -> list[Path]:
+    """The paths among ``values`` that name something on disk (a ``clip:`` head's prefix dropped)."""
+    out = []
+    for v in values:
+        if v is None or v == "":
+            continue
+        text = str(v)
+        if text.startswith("clip:") and not Path(text).exists():
+            text = text[len("clip:") :]
+        if Path(text).exists():
+            out.append(Path(text))
+    return out
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a == b or os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def overlap(dest: Path, source: Path) -> str | None:
+    """How an output ``dest`` meets an input ``source``: 'is', 'contains' or 'is inside' it; None when apart."""
+    d, s = dest.resolve(), source.resolve()
+    if _same(d, s):
+        return "is"
+    if d in s.parents or any(_same(d, p) for p in s.parents if p.exists() and d.exists()):
+        return "contains"
+    if s in d.parents or any(_same(s, p) for p in d.parents if p.exists()):
+        return "is inside"
+    return None
+
+
+def check_not_input(dest: str | Path, inputs: Iterable[str | Path], file: bool = False) -> None:
+    """Refuse an output that is an input, contains one or lies inside one: --force must never destroy an input.
+
+    A report file (``file=True``) may be written inside an input directory as long as it replaces nothing there.
+    """
     dest = Path(dest)
+    for source in inputs:
+        how = overlap(dest, Path(source))
+        if how is None or (file and how == "is inside" and not dest.exists()):
+            continue
+        raise WemoeError(f"output {how} the input {source} (an output never replaces or holds an input)", path=dest)
+
+
+def check_destination(dest: str | Path, force: bool, inputs: Iterable[str | Path] = ()) -> Path:
+    """Refuse an unusable output path before any work is done (one that is, holds or lies inside an input too)."""
+    if not isinstance(force, bool):
+        raise WemoeError(f"force must be True or False, got {type(force).__name__} {str(force)[:40]!r}")
+    dest = Path(dest)
+    check_not_input(dest, inputs)
     if dest.exists() and not dest.is_dir():
         raise WemoeError("output path exists and is a file", path=dest)
     if dest.exists() and not force:
@@ -92,8 +141,8 @@ def check_destination(dest: str | Path, force: bool) -> Path:
 class AtomicDirectory:
     """``with AtomicDirectory(dest, force) as tmp:`` write into tmp; renamed to dest on success."""
 
-    def __init__(self, dest: str | Path, force: bool = False):
-        self.dest = check_destination(dest, force)
+    def __init__(self, dest: str | Path, force: bool = False, inputs: Iterable[str | Path] = ()):
+        self.dest = check_destination(dest, force, inputs)
         self.force = force
         self.tmp: Path | None = None
 

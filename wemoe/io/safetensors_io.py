@@ -22,6 +22,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from wemoe.core import json_text
 from wemoe.errors import WemoeError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -68,7 +69,7 @@ class SafetensorsFile:
         if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
             raise WemoeError("corrupted safetensors file: header length exceeds the file", path=self.path)
         try:
-            header = json.loads(self._fh.read(header_len).decode("utf-8"))
+            header = json_text.loads(self._fh.read(header_len).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise WemoeError("corrupted safetensors file: header is not valid JSON", path=self.path) from None
         if not isinstance(header, dict):

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import torch
 
+from wemoe.core import json_text
 from wemoe.errors import WemoeError
 from wemoe.io.safetensors_io import SafetensorsFile
 
@@ -176,7 +177,7 @@ def _open_torch_file(path: Path) -> InMemorySource:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
+        data = json_text.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise WemoeError(f"cannot read JSON ({exc})", path=path) from None
     if not isinstance(data, dict):

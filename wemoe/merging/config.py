@@ -19,6 +19,8 @@ YAML layout (paths relative to the file)::
 
 from __future__ import annotations
 
+import os
+import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,7 @@ DEFAULT_SHARD_SIZE = "4GB"
 # top-level YAML keys that are not method parameters
 COMMON_KEYS = ("base", "method", "out", "arch", "dtype", "seed", "shard_size")
 TASK_FIELDS = ("checkpoint", "head", "data")
+MAX_SEED = 2**32 - 1  # numpy and torch generators take it; seed + k stays in range
 
 
 @dataclass
@@ -54,6 +57,7 @@ class MergeConfig:
     dry_run: bool = False
     quiet: bool = False
     verbose: int = 0
+    config_path: str | None = None  # the YAML file it was read from, if any
     # how each parameter was given, for error messages ("--lr" on the CLI, "'lr'" in YAML)
     origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -61,19 +65,54 @@ class MergeConfig:
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
 
+    def inputs(self) -> list[str]:
+        """Every file or folder the merge reads: the output may be none of them, hold one or lie inside one."""
+        paths = [self.config_path, self.base, self.arch]
+        for t in self.tasks:
+            paths += [t.checkpoint, t.head, t.data]
+        return [p for p in paths if p]
+
 
 # ---------------------------------------------------------------- YAML
+MAX_YAML_BYTES = 1 << 20  # a merge config is a few hundred bytes
+MAX_YAML_VALUES = 10_000  # values after aliases are expanded: an alias bomb is refused before anything walks it
+
+
+def _count_values(data: Any, limit: int) -> int:
+    """How many values ``data`` holds with aliases expanded, counting no further than ``limit`` + 1."""
+    count, stack = 0, [data]
+    while stack and count <= limit:
+        value = stack.pop()
+        count += 1
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return count
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     import yaml
 
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        with open(path, "rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)
+        if len(raw) > MAX_YAML_BYTES:
+            raise WemoeError(f"config is larger than {MAX_YAML_BYTES // 1024} KiB; a merge config is a few lines", path=path)
+        data = yaml.safe_load(raw)
     except OSError as exc:
         raise WemoeError(f"cannot read config ({exc.strerror})", path=path) from None
     except yaml.YAMLError as exc:
-        raise WemoeError(f"invalid YAML ({str(exc).splitlines()[0]})", path=path) from None
+        raise WemoeError(f"invalid YAML ({str(exc).splitlines()[0][:200]})", path=path) from None
+    except RecursionError:
+        raise WemoeError("invalid YAML (nested too deeply)", path=path) from None
+    except (ValueError, OverflowError) as exc:  # a timestamp or number PyYAML cannot build
+        raise WemoeError(f"invalid YAML ({type(exc).__name__}: {str(exc)[:200]})", path=path) from None
     if not isinstance(data, dict):
         raise WemoeError("config must be a YAML mapping", path=path)
+    if _count_values(data, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+        raise WemoeError(f"config holds more than {MAX_YAML_VALUES} values once its aliases are expanded (an alias bomb?)", path=path)
     return data
 
 
@@ -99,7 +138,7 @@ def yaml_tasks(cfg: Mapping[str, Any], path: str | Path) -> dict[str, dict[str, 
             raise WemoeError(f"task '{name}' must be a mapping with checkpoint/head/data", path=path)
         unknown = set(spec) - set(TASK_FIELDS)
         if unknown:
-            raise WemoeError(f"task '{name}' has unknown field(s) {sorted(unknown)}", path=path)
+            raise WemoeError(f"task '{name}' has unknown field(s) {reprlib.repr(sorted(str(k) for k in unknown))}", path=path)
         out[str(name)] = {f: _task_path(here, f, spec[f]) for f in TASK_FIELDS if spec.get(f) not in (None, "")}
     return out
 
@@ -115,7 +154,31 @@ def _check_yaml_keys(cfg: Mapping[str, Any], path: str | Path) -> None:
     known = set(COMMON_KEYS) | set(all_params()) | {"tasks", "eval"}
     unknown = set(cfg) - known
     if unknown:
-        raise WemoeError(f"unknown config key(s): {', '.join(sorted(unknown))}", path=path)
+        raise WemoeError(f"unknown config key(s): {reprlib.repr(sorted(str(k) for k in unknown))}", path=path)
+
+
+# ---------------------------------------------------------------- typed values
+def _kind(value: Any) -> str:
+    """A value's type and a bounded glimpse of it, for messages (never the whole of a huge value)."""
+    return f"{type(value).__name__} {reprlib.repr(value)}"
+
+
+def path_value(value: Any, what: str) -> str | None:
+    """A path given as str or os.PathLike (None: not given); anything else is refused."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, os.PathLike)):
+        raise UsageError(f"{what} must be a path (str or os.PathLike), got {_kind(value)}")
+    return os.fspath(value) if not isinstance(value, str) else value
+
+
+def flag_value(value: Any, what: str) -> bool:
+    """A yes/no option: only True, False (or None, not given); "no" is not False."""
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise UsageError(f"{what} must be True or False, got {_kind(value)}")
+    return value
 
 
 # ---------------------------------------------------------------- named values
@@ -124,20 +187,34 @@ def named_paths(value: Mapping[str, Any] | Sequence[Any] | None, what: str) -> d
     if value is None:
         return {}
     if isinstance(value, Mapping):
-        pairs = [(str(k), str(v)) for k, v in value.items()]
-    elif isinstance(value, (str, Path)):
-        pairs = [split_named(str(value))]
+        pairs = [(_name(k, what), path_value(v, f"{what} of task '{k}'")) for k, v in value.items()]
+    elif isinstance(value, (str, os.PathLike)):
+        pairs = [split_named(os.fspath(value))]
+    elif isinstance(value, (list, tuple)):
+        pairs = [split_named(path_value(v, what) or _missing(what)) for v in value]
     else:
-        pairs = [split_named(str(v)) for v in value]
+        raise UsageError(f"{what}s must be a mapping of task names to paths or a list of paths, got {_kind(value)}")
     check_unique([n for n, _ in pairs], f"{what} for task")
     return dict(pairs)
+
+
+def _missing(what: str) -> str:
+    raise UsageError(f"a {what} path is None")
+
+
+def _name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise UsageError(f"task names of {what}s must be non-empty strings, got {_kind(value)}")
+    return value
 
 
 def shared_heads(value: Mapping[str, Any] | Sequence[Any] | None, task_names: Sequence[str]) -> Mapping[str, Any] | Sequence[Any] | None:
     """``--heads clip:PATH`` without a name: a zero-shot head from that CLIP checkpoint for every task given no other head."""
     if value is None or isinstance(value, Mapping):
         return value
-    values = [str(v) for v in ([value] if isinstance(value, (str, Path)) else value)]
+    if not isinstance(value, (str, os.PathLike, list, tuple)):
+        raise UsageError(f"heads must be a mapping of task names to paths or a list of paths, got {_kind(value)}")
+    values = [str(v) for v in ([value] if isinstance(value, (str, os.PathLike)) else value)]
     shared = [v for v in values if is_clip_source(v)]
     named = [v for v in values if not is_clip_source(v)]
     if len(shared) > 1:
@@ -175,6 +252,11 @@ def merge_config(config: str | Path | None = None, **given: Any) -> MergeConfig:
     yaml_cfg: dict[str, Any] = {}
     yaml_task_specs: dict[str, dict[str, str]] = {}
     here = Path(".")
+    config = path_value(config, "config")
+    for key in ("base", "out", "arch"):
+        given[key] = path_value(given.get(key), key)
+    for key in ("force", "dry_run", "quiet"):
+        given[key] = flag_value(given.get(key), key)
     if config is not None:
         yaml_cfg = load_yaml(config)
         _check_yaml_keys(yaml_cfg, config)
@@ -193,7 +275,7 @@ def merge_config(config: str | Path | None = None, **given: Any) -> MergeConfig:
 
     method = pick("method", DEFAULT_METHOD)
     if not isinstance(method, str):
-        raise WemoeError(f"'method' must be a method name, got {method!r}", path=config)
+        raise UsageError(f"method must be a method name, got {_kind(method)}")
     method_cls = get_method(method)
     base = pick("base", path_like=True)
     out = pick("out", path_like=True)
@@ -230,17 +312,24 @@ def merge_config(config: str | Path | None = None, **given: Any) -> MergeConfig:
             continue
         raw[key] = value
         origins[key] = "--" + key.replace("_", "-")
-    params = build_params(method, raw, origin=lambda k: origins.get(k, "--" + k.replace("_", "-")))
+    try:
+        params = build_params(method, raw, origin=lambda k: origins.get(k, "--" + k.replace("_", "-")))
+    except UsageError:
+        raise
+    except WemoeError as exc:  # a bad parameter value is a usage error (exit 2), wherever it was given
+        raise UsageError(str(exc)) from None
+    except (OverflowError, ValueError, TypeError) as exc:  # e.g. `.inf` in YAML where an integer belongs
+        raise UsageError(f"invalid parameter value ({type(exc).__name__}: {str(exc)[:200]})") from None
 
     dtype = pick("dtype")
-    if dtype is not None and dtype not in DTYPES:
-        raise WemoeError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPES):
+        raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, got {_kind(dtype)}")
     seed = pick("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise WemoeError(f"seed must be an integer, got {seed!r}")
-    device = given.get("device") or "auto"
-    if device not in DEVICES:
-        raise WemoeError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"seed must be an integer from 0 to {MAX_SEED} (the random generators' range), got {_kind(seed)}")
+    device = given.get("device") if given.get("device") is not None else "auto"
+    if not isinstance(device, str) or device not in DEVICES:
+        raise UsageError(f"device must be one of {', '.join(DEVICES)}, got {_kind(device)}")
     shard_size = pick("shard_size", DEFAULT_SHARD_SIZE)
     return MergeConfig(
         base=str(base) if base is not None else "",
@@ -257,6 +346,7 @@ def merge_config(config: str | Path | None = None, **given: Any) -> MergeConfig:
         dry_run=bool(given.get("dry_run")),
         quiet=bool(given.get("quiet")),
         verbose=int(given.get("verbose") or 0),
+        config_path=str(config) if config is not None else None,
         origins=origins,
     )
 

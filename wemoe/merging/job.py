@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +27,12 @@ import torch
 from wemoe.adaptation import distributed
 from wemoe.checkpoints.inputs import load_inputs
 from wemoe.clip.zeroshot import CLIP_SOURCE, ZeroShotHeads, is_clip_source
+from wemoe.core.memory import memory_limit
 from wemoe.core.runtime import dtype_name, parse_dtype, resolve_device
 from wemoe.core.tasks import TaskSpec
 from wemoe.data import read_classes
 from wemoe.errors import UsageError, WemoeError
-from wemoe.io.output import AtomicDirectory, check_destination, parse_size
+from wemoe.io.output import AtomicDirectory, check_destination, input_paths, parse_size
 from wemoe.merging.config import MergeConfig
 from wemoe.merging.engine import merged_tensors, native_entries
 from wemoe.methods import MergeMethod, MethodContext, MethodResult, get_method, params_record
@@ -111,15 +112,52 @@ def prepare_job(config: MergeConfig) -> MergeJob:
     dtype = parse_dtype(config.dtype)
     shard_size = parse_size(config.shard_size)
     if config.out and not config.dry_run and distributed.current().main:  # only rank 0 writes
-        check_destination(config.out, config.force)
+        check_destination(config.out, config.force, input_paths(*config.inputs()))
     inputs = load_inputs(config.base, [(t.name, t.checkpoint) for t in config.tasks], arch=config.arch, progress=not config.quiet)
     ctx = MethodContext(inputs, list(config.tasks), {}, config.params, device, config.seed, config.quiet)
     for note in inputs.notes:
         ctx.note(f"note: {note}")
     split = getattr(config.params, "split", "test")
     ctx.heads = load_task_heads(config.tasks, inputs.base.arch.output_dim, split, config.arch, device, not config.quiet)
-    state = method.prepare(ctx)
+    check_sizes_fit(config, ctx)
+    try:
+        state = method.prepare(ctx)
+    except WemoeError as exc:
+        raise _usage_if_option(exc) from None
     return MergeJob(config, method, ctx, state, dtype, shard_size)
+
+
+def check_sizes_fit(config: MergeConfig, ctx: MethodContext) -> None:
+    """Sizes the user gives must fit in memory: --batch-size 10**14 is refused here, not by the allocator."""
+    arch = ctx.inputs.base.arch
+    needs = {  # parameter -> bytes its value asks for
+        "batch_size": lambda n: n * 3 * arch.image_size**2 * 4,  # one task's preprocessed float32 images per step
+        "router_hidden": lambda n: n * (arch.output_dim + arch.width + len(ctx.tasks) + 2) * 4 * 4,  # weights, gradients, Adam state
+    }
+    have = memory_limit()
+    given = params_record(config.params)
+    for key, need_of in needs.items():
+        value = given.get(key)
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue
+        need = need_of(value)
+        if need > have:
+            where = config.origins.get(key, "--" + key.replace("_", "-"))
+            raise UsageError(f"{where} {value} needs {need / 2**30:.3g} GiB; this machine can hold {have / 2**30:.3g} GiB")
+
+
+def finite_output(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass tensors on to the writer, refusing NaN or Inf: nothing is written that wemoe.load would refuse to read."""
+    for key, tensor in tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise WemoeError("the result holds NaN or Inf values (did the adaptation diverge? try a lower --lr); nothing was written", tensor=key)
+        yield key, tensor
+
+
+def _usage_if_option(exc: WemoeError) -> WemoeError:
+    """A method's refusal that starts with the option it names (``--moe-blocks names block(s) [9]``) is a usage error."""
+    text = str(exc)
+    return UsageError(text) if text.startswith("--") and not isinstance(exc, UsageError) else exc
 
 
 def plan(job: MergeJob) -> str:
@@ -158,7 +196,8 @@ def write_result(job: MergeJob, result: MethodResult, directory: Path) -> None:
         config[MOE_SECTION] = result.section or {}
         if own is not None:  # the base library's config, for the plain checkpoints `wemoe export` writes
             config["model_config"] = own
-        write_module(directory, result.module.state_dict(), config, dtype, job.shard_size, heads=job.ctx.heads, report=report, summary=summary)
+        state = dict(finite_output(result.module.state_dict().items()))
+        write_module(directory, state, config, dtype, job.shard_size, heads=job.ctx.heads, report=report, summary=summary)
         return
     if result.merge is None:
         raise TypeError(f"method {job.method.name} produces a plain checkpoint but returned no tensor merge")
@@ -168,7 +207,7 @@ def write_result(job: MergeJob, result: MethodResult, directory: Path) -> None:
         directory,
         config,
         native_entries(inputs, job.dtype),
-        lambda: merged_tensors(inputs, result.merge, job.dtype, job.ctx.device, job.ctx.progress),
+        lambda: finite_output(merged_tensors(inputs, result.merge, job.dtype, job.ctx.device, job.ctx.progress)),
         heads=job.ctx.heads,
         report=report,
         shard_size=job.shard_size,
@@ -201,7 +240,7 @@ def run_merge(config: MergeConfig) -> Path | None:
         if world.size > 1 and not job.method.adapts:
             job.ctx.note(f"note: --method {config.method} does not adapt: rank 0 merges alone")
         result = job.method.run(job.ctx, job.state)
-        with AtomicDirectory(config.out, config.force) as tmp:
+        with AtomicDirectory(config.out, config.force, input_paths(*config.inputs())) as tmp:
             write_result(job, result, tmp)
         job.ctx.note(f"wrote {config.out} ({result.summary}, {time.perf_counter() - job.started:.1f} s)")
         return Path(config.out)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from wemoe.core import json_text
 from wemoe.errors import WemoeError
 from wemoe.io.safetensors_io import load_tensors, save_tensors
 from wemoe.io.sources import open_source
@@ -89,8 +90,8 @@ def load_head(path: str | Path) -> Head:
     classes = None
     if "classes" in meta:
         try:
-            classes = [str(c) for c in json.loads(meta["classes"])]
-        except json.JSONDecodeError:
+            classes = [str(c) for c in json_text.loads(meta["classes"])]
+        except (json.JSONDecodeError, TypeError):
             classes = None
     return Head(weight, bias, meta.get("normalize", "false") in TRUE, classes, str(path))
 

@@ -20,7 +20,7 @@ config.json is the model's own (``wemoe.outputs.hf_config``) and the record move
 
 from __future__ import annotations
 
-import json
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,7 @@ from wemoe.io.output import Entry, config_metadata, write_json, write_model
 from wemoe.model.heads import save_heads
 from wemoe.outputs.layout import CONFIG_FILE, FORMAT, HEADS_FILE, MOE_SECTION, RECORD_FILE, REPORT_FILE
 from wemoe.outputs.model_card import write_card
+from wemoe.outputs.record_checks import MAX_RECORD_BYTES, check_record, parse_record
 
 # Format versions by kind of output: plain checkpoints are unchanged since version 1; mixture-of-experts
 # checkpoints are at 2 (routed linears, wemoe 0.2), and version 1 ones (MLP-only keys, wemoe 0.1) are still read.
@@ -165,14 +166,19 @@ def read_output(path: str | Path) -> OutputRecord | None:
     if not cfg_path.is_file():
         return None
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WemoeError(f"cannot read {cfg_path.name} ({exc})", path=p) from None
+        with open(cfg_path, "rb") as f:
+            raw = f.read(MAX_RECORD_BYTES + 1)
+        if len(raw) > MAX_RECORD_BYTES:
+            raise WemoeError(f"{cfg_path.name} is larger than {MAX_RECORD_BYTES >> 20} MiB; no record is", path=p)
+        cfg = parse_record(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise WemoeError(f"cannot read {cfg_path.name} ({str(exc)[:200]})", path=p) from None
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         if cfg_path.name == RECORD_FILE:
             raise WemoeError(f'{RECORD_FILE} is not a wemoe record (no "format": "{FORMAT}")', path=p)
         return None  # e.g. a Hugging Face model folder
     name = cfg_path.name
+    check_record(cfg, p, name)  # schema and ranges before any field is used
     version = _field(cfg, "format_version", int, p, name)
     if version > format_version("moe" if isinstance(cfg.get(MOE_SECTION), dict) else "plain"):
         raise WemoeError(f"format version {version} is newer than this wemoe understands; upgrade wemoe", path=p)
@@ -196,6 +202,10 @@ def read_output(path: str | Path) -> OutputRecord | None:
 
 def require_output(path: str | Path, moe: bool | None = None) -> OutputRecord:
     """The record of ``path``, refusing anything else (and a plain output where a MoE one is needed)."""
+    if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+        raise WemoeError(f"a wemoe output is named by a path (str or os.PathLike), got {type(path).__name__}")
+    if not Path(path).exists():
+        raise WemoeError("does not exist", path=path)
     record = read_output(path)
     if record is None:
         raise WemoeError(f"not a wemoe output directory (no {RECORD_FILE} and no wemoe {CONFIG_FILE})", path=path)

@@ -19,11 +19,11 @@ import torch
 
 from wemoe.errors import WemoeError
 from wemoe.io.sources import open_source
-from wemoe.model.heads import load_heads
 from wemoe.moe.model import WEMoEModel
 from wemoe.moe.spec import MoESpec
 from wemoe.outputs.artifact import OutputRecord
 from wemoe.outputs.layout import MOE_SECTION
+from wemoe.outputs.record_checks import check_finite, check_moe_shapes, load_stored_heads
 
 _V1_MLP = {
     "fc1_weight": ("fc1.weight", False),
@@ -52,28 +52,45 @@ def upgrade_v1_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def record_spec(record: OutputRecord) -> MoESpec:
+    """The mixture a record describes; a record that cannot describe one is the file's error (exit 1), never a crash."""
+    path = record.path
+    try:
+        return MoESpec.from_record(record.section(MOE_SECTION))
+    except WemoeError as exc:  # an unknown router or expert store named in the record
+        raise WemoeError(f"config.json: {str(exc).removeprefix(str(path) + ': ')}", path=path) from None
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise WemoeError(
+            f"config.json's '{MOE_SECTION}' section cannot describe a mixture of experts ({type(exc).__name__}: {str(exc)[:200]})", path=path
+        ) from None
+
+
 def load_wemoe(record: OutputRecord, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> WEMoEModel:
     """Rebuild a WEMoE model from its output directory's record and tensors."""
     path = record.path
     source = open_source(path)
+    check_moe_shapes(record.architecture, record.tasks, source, path)  # headers only: nothing is read or built yet
+    spec = record_spec(record)
+    heads = load_stored_heads(path, record.tasks, record.architecture.output_dim) if record.heads_path is not None else None
     state = {k: source.get(k) for k in source.keys()}
+    check_finite(state, path)
     if record.format_version < 2:
         state = upgrade_v1_state(state)
     with torch.device("meta"):
-        model = WEMoEModel(record.architecture, record.tasks, MoESpec.from_record(record.section(MOE_SECTION)), head_bias="head.bias" in state)
+        model = WEMoEModel(record.architecture, record.tasks, spec, head_bias="head.bias" in state)
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise WemoeError(f"model.safetensors does not match config.json ({str(exc).splitlines()[0]})", path=path) from None
-    if record.heads_path is not None:
-        model.heads = load_heads(record.heads_path)
+    if heads is not None:
+        model.heads = heads
     return model.freeze_backbone().to(device).eval()
 
 
 def describe_wemoe(record: OutputRecord) -> list[str]:
     moe = record.section(MOE_SECTION)
-    spec = MoESpec.from_record(moe)
+    spec = record_spec(record)
     return [
         "method:        wemoe (weight-ensembling MoE)",
         f"moe blocks:    {list(spec.blocks)}  routed {spec.describe_routed()}  experts {spec.store.describe()}",
@@ -82,4 +99,4 @@ def describe_wemoe(record: OutputRecord) -> list[str]:
     ]
 
 
-__all__ = ["describe_wemoe", "load_wemoe", "upgrade_v1_state"]
+__all__ = ["describe_wemoe", "load_wemoe", "record_spec", "upgrade_v1_state"]
