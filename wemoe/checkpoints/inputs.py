@@ -19,6 +19,7 @@ from wemoe.checkpoints.checkpoint import Checkpoint, config_hints, open_checkpoi
 from wemoe.core.arch import arch_from_name_or_file
 from wemoe.core.tasks import check_unique
 from wemoe.errors import WemoeError
+from wemoe.schemes import TRANSFORMERS_SCHEMES
 
 # Fine-tuned vision-only checkpoints (e.g. FusionBench's HF CLIPVisionModel ones)
 # lack the projection; it is then taken from the base unchanged.
@@ -43,6 +44,7 @@ class MergeInputs:
     base_sha256: str
     tasks: list[TaskInput]
     notes: list[str] = field(default_factory=list)
+    hints: list[str] = field(default_factory=list)  # said at merge time, not recorded: how to load the output
 
     @property
     def task_names(self) -> list[str]:
@@ -117,6 +119,20 @@ def _stated_arch(ckpt: Checkpoint, arch: str | dict | None = None) -> dict:
     return stated
 
 
+def load_hints(base: Checkpoint) -> list[str]:
+    """What a user loading the output in its library needs to know and the files cannot make right.
+
+    A transformers image tower without a projection (``CLIPVisionModel``) has no ``visual_projection``
+    to write: loaded into ``CLIPVisionModelWithProjection``, that layer would be initialised at random.
+    """
+    if base.scheme in TRANSFORMERS_SCHEMES and "head.weight" not in base.keys():
+        return [
+            "the base is a CLIPVisionModel (no visual_projection.weight): load the output with CLIPVisionModel; "
+            "CLIPVisionModelWithProjection would leave visual_projection.weight missing (randomly initialised)"
+        ]
+    return []
+
+
 def load_inputs(
     base_path: str | Path,
     tasks: Sequence[tuple[str, str | Path]],
@@ -139,6 +155,7 @@ def load_inputs(
     if base.match.ignored:
         notes.append(f"base: using the image tower only ({len(base.match.ignored)} other tensors ignored)")
     base_stated = _stated_arch(base, arch)
+    hints = load_hints(base)
     opened = []
     for name, path in tasks:
         # Shapes are compared tensor by tensor below (naming the tensor); only what
@@ -165,4 +182,4 @@ def load_inputs(
             raise WemoeError(f"identical to {hashes[digest]} (the same checkpoint given twice?)", path=ckpt.path)
         hashes[digest] = f"task '{name}'"
         task_inputs.append(TaskInput(name, ckpt, digest, from_base))
-    return MergeInputs(base, base_hash, task_inputs, notes)
+    return MergeInputs(base, base_hash, task_inputs, notes, hints)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from wemoe.outputs.layout import CARD_FILE, MOE_SECTION
+from wemoe.schemes import TRANSFORMERS_SCHEMES
 
 EXPORT_SUMMARY = "one task's mean routing of a WEMoE model baked into a plain ViT (`wemoe export`)"
 
@@ -120,12 +121,13 @@ def _loading(record: Mapping[str, Any]) -> list[str]:
             "from wemoe.integrations.timm import use_merged_weights",
             'use_merged_weights(timm_model, "MODEL_DIR")',
         ]
-        if scheme == "hf_clip":
+        if scheme in TRANSFORMERS_SCHEMES:
+            cls = transformers_class(record)
             lines += [
                 "",
                 "# transformers (config.json is the model's own)",
-                "from transformers import CLIPVisionModelWithProjection",
-                'hf = CLIPVisionModelWithProjection.from_pretrained("MODEL_DIR")',
+                f"from transformers import {cls}",
+                f'hf = {cls}.from_pretrained("MODEL_DIR")',
             ]
     lines.append("```")
     if moe:
@@ -133,6 +135,12 @@ def _loading(record: Mapping[str, Any]) -> list[str]:
     else:
         lines += ["", f"A plain ViT in the {scheme} key scheme: its library loads `model.safetensors` with strict key matching."]
     return lines
+
+
+def transformers_class(record: Mapping[str, Any]) -> str:
+    """The transformers class that loads a plain output completely: with the projection only where there is one."""
+    with_projection = (record.get("architecture") or {}).get("embed_dim") is not None
+    return "CLIPVisionModelWithProjection" if with_projection else "CLIPVisionModel"
 
 
 def render_card(record: Mapping[str, Any], summary: str, accuracy: Accuracy | None = None) -> str:
