@@ -76,29 +76,47 @@ def _check_finite(ckpt: Checkpoint, bar: tqdm | None) -> None:
             bar.update(1)
 
 
-def _compare(base: Checkpoint, task: Checkpoint, base_stated: dict) -> tuple[str, ...]:
+SHAPE_FIELDS = ("depth", "width", "mlp_width", "patch_size", "image_size")
+
+
+def _architecture_difference(base: Checkpoint, task: Checkpoint) -> str | None:
+    """A task of another depth or width is a fine-tune of another model: which architecture each has."""
+    differ = [f for f in SHAPE_FIELDS if getattr(base.arch, f) != getattr(task.arch, f)]
+    if not differ:
+        return None
+    describe = lambda a: ", ".join(f"{f.replace('_', ' ')} {getattr(a, f)}" for f in differ)
+    return f"a ViT of {describe(task.arch)}, the base {base.path} is one of {describe(base.arch)}: a task must be a fine-tune of the base's architecture"
+
+
+def _tensor_difference(base: Checkpoint, task: Checkpoint, from_base: list[str]) -> tuple[str, str] | None:
+    """The first tensor the task cannot be merged on, as (what, native name); fills ``from_base``."""
     bkeys, tkeys = set(base.keys()), set(task.keys())
     for key in sorted(tkeys - bkeys):
-        raise WemoeError(f"tensor is not in the base checkpoint {base.path}", path=task.path, tensor=task.native_names(key)[0])
-    from_base = []
+        return f"tensor is not in the base checkpoint {base.path}", task.native_names(key)[0]
     for key in base.keys():
         if key not in tkeys:
             if key in OPTIONAL_IN_TASKS:
                 from_base.append(key)
                 continue
-            raise WemoeError("missing tensor (the base has it)", path=task.path, tensor=base.native_names(key)[0])
+            return "missing tensor (the base has it)", base.native_names(key)[0]
         bs, ts = base.shape(key), task.shape(key)
         if bs != ts:
-            raise WemoeError(
-                f"shape {list(ts)} does not match the base's {list(bs)} (different architecture?)", path=task.path, tensor=task.native_names(key)[0]
-            )
+            return f"shape {list(ts)} does not match the base's {list(bs)} (different architecture?)", task.native_names(key)[0]
         bd, td = base.dtype(key), task.dtype(key)
         if bd != td:
-            raise WemoeError(
-                f"dtype {str(td).replace('torch.', '')} does not match the base's {str(bd).replace('torch.', '')}",
-                path=task.path,
-                tensor=task.native_names(key)[0],
-            )
+            return f"dtype {str(td).replace('torch.', '')} does not match the base's {str(bd).replace('torch.', '')}", task.native_names(key)[0]
+    return None
+
+
+def _compare(base: Checkpoint, task: Checkpoint, base_stated: dict) -> tuple[str, ...]:
+    from_base: list[str] = []
+    problem = _tensor_difference(base, task, from_base)
+    architecture = _architecture_difference(base, task)
+    if architecture is not None:
+        evidence = f" (first difference: tensor '{problem[1]}': {problem[0]})" if problem else ""
+        raise WemoeError(architecture + evidence, path=task.path)
+    if problem is not None:
+        raise WemoeError(problem[0], path=task.path, tensor=problem[1])
     # Tasks are opened with the base's heads and activation (shapes cannot tell them);
     # a task whose own files state different ones is a different architecture.
     stated = _stated_arch(task)

@@ -129,7 +129,7 @@ def named_paths(value: Mapping[str, Any] | Sequence[Any] | None, what: str) -> d
         pairs = [split_named(str(value))]
     else:
         pairs = [split_named(str(v)) for v in value]
-    check_unique([n for n, _ in pairs], f"{what} for task")
+    check_unique([n for n, _ in pairs], f"{what} for task", [v for _, v in pairs])
     return dict(pairs)
 
 
