@@ -155,11 +155,12 @@ def eval_cmd(**opts: Any) -> None:
 @click.command()
 @click.argument("path")
 @click.option("--arch", help="Architecture name or JSON file.")
-def inspect(path: str, arch: str | None) -> None:
-    """Show a checkpoint's key scheme, architecture and parameter counts."""
+@click.option("--json", "as_json", is_flag=True, help="Print the raw record (an output's config.json / wemoe.json) as JSON instead of text.")
+def inspect(path: str, arch: str | None, as_json: bool) -> None:
+    """Show what a checkpoint or wemoe output is: scheme, architecture, size against a plain model, experts, routing, adaptation."""
     from wemoe.commands.inspect import run_inspect
 
-    run_inspect(path, arch)
+    run_inspect(path, arch, as_json)
 
 
 @click.command()
