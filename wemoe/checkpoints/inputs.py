@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from wemoe.checkpoints.adapters import AdapterCheckpoint, is_lora_adapter, open_adapter
 from wemoe.checkpoints.checkpoint import Checkpoint, config_hints, open_checkpoint
 from wemoe.core.arch import arch_from_name_or_file
 from wemoe.core.tasks import check_unique
@@ -168,6 +169,8 @@ def load_inputs(
         if rp in seen_paths:
             raise WemoeError(f"the same checkpoint is given twice (tasks '{seen_paths[rp]}' and '{n}')", path=p)
         seen_paths[rp] = n
+    if is_lora_adapter(base_path):
+        raise WemoeError("a LoRA adapter folder is a task, not a base: give the pretrained model it was trained on as --base", path=base_path)
     base = open_checkpoint(base_path, arch)
     notes: list[str] = []
     if base.match.ignored:
@@ -178,6 +181,13 @@ def load_inputs(
     for name, path in tasks:
         # Shapes are compared tensor by tensor below (naming the tensor); only what
         # shapes cannot tell is carried over from the base.
+        if is_lora_adapter(path):
+            adapter = open_adapter(path, base)
+            notes.append(f"task '{name}': {adapter.describe()}; its task vector is scale * B @ A on those, zero elsewhere")
+            if adapter.left_out:
+                notes.append(f"task '{name}': {len(adapter.left_out)} LoRA modules outside the image tower left out")
+            opened.append((name, adapter, ()))
+            continue
         ckpt = open_checkpoint(path, {"heads": base.arch.heads, "activation": base.arch.activation})
         from_base = _compare(base, ckpt, base_stated)
         if from_base:
@@ -186,10 +196,11 @@ def load_inputs(
             notes.append(f"task '{name}': {ckpt.scheme} layout, converted to the base's {base.scheme} layout")
         opened.append((name, ckpt, from_base))
     if check_finite:
-        total = len(base.keys()) * (1 + len(opened))
+        checked = [ckpt for _, ckpt, _ in opened if not isinstance(ckpt, AdapterCheckpoint)]  # adapters: their factors, when read
+        total = len(base.keys()) * (1 + len(checked))
         with tqdm(total=total, desc="validating", unit="tensor", disable=not progress, leave=False) as bar:
             _check_finite(base, bar)
-            for _, ckpt, _ in opened:
+            for ckpt in checked:
                 _check_finite(ckpt, bar)
     base_hash = sha256_of(base)
     task_inputs = []

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
+from wemoe.checkpoints.adapters import AdapterCheckpoint
 from wemoe.checkpoints.inputs import MergeInputs
 
 
@@ -31,6 +32,8 @@ def iter_task_vectors(inputs: MergeInputs, key: str, base: torch.Tensor, device:
     for task in inputs.tasks:
         if key in task.from_base:
             yield torch.zeros_like(base)
+        elif isinstance(task.checkpoint, AdapterCheckpoint):  # exact: scale * B @ A, never (base + delta) - base
+            yield task.checkpoint.delta(key).to(device=device, dtype=base.dtype)
         else:
             # out of place: a reader may hand back a tensor it keeps (in-memory .pt state dicts)
             yield task.checkpoint.get(key).to(device=device, dtype=base.dtype) - base
