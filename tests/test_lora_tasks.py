@@ -168,10 +168,18 @@ def test_dry_run_plan_names_the_adapter(hf, capsys):
     assert "peft-lora" in plan and "LoRA adapter, rank 4, alpha 8" in err
 
 
-def test_wemoe_merge_with_adapter_tasks(hf, capsys):
+@pytest.fixture(scope="module")
+def adapting(hf):
+    """Unlabeled images and heads for the adapter tasks p (patterns) and r (rslora)."""
     tmp, _ = hf
     data = image_folder(tmp / "data", ["a", "b"], per_class=2)
     heads = {t: write(tmp / "heads" / f"{t}.safetensors", {"weight": torch.randn(2, WIDTH)}) for t in ("p", "r")}
+    return data, heads
+
+
+def test_wemoe_merge_with_adapter_tasks(hf, adapting, capsys):
+    tmp, _ = hf
+    data, heads = adapting
     out = tmp / "moe"
     tasks = {"p": tmp / "patterns", "r": tmp / "rslora"}
     code, _, err = merge_cli(capsys, tmp / "base", tasks, "wemoe", out, "--steps", "1", "--batch-size", "2", heads=heads, data={"p": data, "r": data})
@@ -189,3 +197,33 @@ def assert_experts_are_the_adapters(out, tmp, refs, atol=2e-6):
     for i, name in enumerate(("patterns", "rslora")):
         torch.testing.assert_close(dw[i], refs[name]["encoder.layers.0.mlp.fc1.weight"] - base, rtol=0, atol=atol)
     assert dw[1].abs().max() == 0  # the rslora adapter targets k_proj and fc2 only
+
+
+def test_adapter_factors_are_the_low_rank_experts(hf, adapting, capsys):
+    """With --expert-rank R at least an adapter's rank, its own factors are its experts: exact, no SVD."""
+    tmp, refs = hf
+    data, heads = adapting
+    tasks = {"p": tmp / "patterns", "r": tmp / "rslora"}
+    flags = ["--steps", "0", "--experts", "mlp,attn"]
+    out = tmp / "moe_rank8"
+    # patterns: q and v (rank 4 each) share block N's qkv, so rank 8 there; rslora: rank 8
+    code, _, err = merge_cli(capsys, tmp / "base", tasks, "wemoe", out, *flags, "--expert-rank", "8", heads=heads, data={"p": data, "r": data})
+    assert code == 0, err
+    record = json.loads((out / "config.json").read_text())
+    energy = record["wemoe"]["energy_kept"]
+    assert energy and all(v == 1.0 for values in energy.values() for v in values)
+    assert_experts_are_the_adapters(out, tmp, refs, atol=1e-6)
+    import wemoe
+
+    model = wemoe.load(out)
+    base = read(tmp / "base" / "model.safetensors")
+    dw, _ = model.get_submodule("blocks.1.attn.qkv.experts").task_vectors()
+    for i, name in enumerate(("patterns", "rslora")):
+        expected = torch.cat([refs[name][f"encoder.layers.1.self_attn.{x}_proj.weight"] - base[f"encoder.layers.1.self_attn.{x}_proj.weight"] for x in "qkv"])
+        torch.testing.assert_close(dw[i], expected, rtol=0, atol=1e-6)
+    # below an adapter's rank its product is truncated by SVD, as for any task vector (energy < 1 recorded)
+    out = tmp / "moe_rank4"
+    code, _, err = merge_cli(capsys, tmp / "base", tasks, "wemoe", out, *flags, "--expert-rank", "4", heads=heads, data={"p": data, "r": data})
+    assert code == 0, err
+    energy = json.loads((out / "config.json").read_text())["wemoe"]["energy_kept"]
+    assert energy["blocks.0.mlp.fc1"][0] == 1.0 and energy["blocks.0.attn.qkv"][0] < 1.0

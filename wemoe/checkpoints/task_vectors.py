@@ -64,5 +64,11 @@ class TaskVectorsOf:
     def stack(self, transposed: bool = False) -> torch.Tensor:
         return stacked_task_vectors(self.inputs, self.key, self.base, self.device, transposed)
 
+    def factors(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """A LoRA adapter task's own factors of this weight (exact), None for whole checkpoints."""
+        return [
+            t.checkpoint.factors(self.key) if isinstance(t.checkpoint, AdapterCheckpoint) and self.key not in t.from_base else None for t in self.inputs.tasks
+        ]
+
 
 __all__ = ["TaskVectorsOf", "base_tensor", "compute_dtype", "iter_task_vectors", "stacked_task_vectors"]
