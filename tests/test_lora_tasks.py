@@ -227,3 +227,23 @@ def test_adapter_factors_are_the_low_rank_experts(hf, adapting, capsys):
     assert code == 0, err
     energy = json.loads((out / "config.json").read_text())["wemoe"]["energy_kept"]
     assert energy["blocks.0.mlp.fc1"][0] == 1.0 and energy["blocks.0.attn.qkv"][0] < 1.0
+
+
+def test_adapter_of_a_full_clip_model_merges_its_image_tower(tmp_path, capsys):
+    """PEFT on a whole CLIPModel adapts both towers; the text tower's modules are left out with a note."""
+    text = dict(hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_attention_heads=HEADS, num_hidden_layers=1, vocab_size=64, max_position_embeddings=8)
+    text.update(bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(vision_config=vision_config().to_dict(), text_config=text, projection_dim=EMBED)
+    transformers.CLIPModel(config).eval().save_pretrained(tmp_path / "clip")
+    reference = lora(transformers.CLIPModel.from_pretrained(tmp_path / "clip"), tmp_path / "adapter", 7, target_modules=["q_proj", "fc2"])
+    capsys.readouterr()
+    out = tmp_path / "out"
+    code, _, err = merge_cli(capsys, tmp_path / "clip", {"c": tmp_path / "adapter"}, "task-arithmetic", out, "--lambda", "1")
+    assert code == 0, err
+    merged = read(out / "model.safetensors")
+    assert merged and all(k.startswith(("vision_model.", "visual_projection.")) for k in merged)
+    for key, tensor in merged.items():
+        torch.testing.assert_close(tensor, reference[key], rtol=0, atol=2e-6, msg=key)
+    code, _, err = run_cli(capsys, "merge", "--base", tmp_path / "clip", "--tasks", f"c={tmp_path / 'adapter'}", "--out", tmp_path / "n", "--dry-run")
+    assert code == 0 and "LoRA modules outside the image tower left out" in err
