@@ -247,3 +247,15 @@ def test_adapter_of_a_full_clip_model_merges_its_image_tower(tmp_path, capsys):
         torch.testing.assert_close(tensor, reference[key], rtol=0, atol=2e-6, msg=key)
     code, _, err = run_cli(capsys, "merge", "--base", tmp_path / "clip", "--tasks", f"c={tmp_path / 'adapter'}", "--out", tmp_path / "n", "--dry-run")
     assert code == 0 and "LoRA modules outside the image tower left out" in err
+
+
+def test_inspect_an_adapter(hf, capsys):
+    tmp, _ = hf
+    code, text, err = run_cli(capsys, "inspect", tmp / "patterns")
+    assert code == 0, err
+    assert "PEFT LoRA adapter" in text and "rank:          2, 4 (config r 4)" in text and "hf_clip_vision naming" in text
+    assert "adapts:        attn.proj, attn.qkv, mlp.fc1 in blocks 0, 1" in text
+    code, raw, err = run_cli(capsys, "inspect", tmp / "rslora", "--json")
+    assert code == 0, err
+    record = json.loads(raw)
+    assert record["rslora"] and record["targets"]["encoder.layers.0.mlp.fc2"]["scale"] == pytest.approx(5 / 8**0.5)

@@ -187,7 +187,7 @@ def _module_patterns(scheme: Scheme) -> list[tuple[re.Pattern[str], str, int]]:
     return out
 
 
-def resolve_targets(adapter: LoraAdapter, base: Checkpoint) -> tuple[Scheme, str, list[Target], list[str]]:
+def resolve_targets(adapter: LoraAdapter) -> tuple[Scheme, str, list[Target], list[str]]:
     """The key scheme and prefix of the adapter's module names, where each module lands, and the modules of
     another tower (a full CLIP's text tower) that are left out."""
     found: dict[tuple[str, str], list[Target]] = {}
@@ -329,7 +329,7 @@ class AdapterCheckpoint(Checkpoint):
 def open_adapter(path: str | Path, base: Checkpoint) -> AdapterCheckpoint:
     """A LoRA adapter folder as a task of ``base``: validated against the base's shapes before any compute."""
     adapter = read_lora_adapter(path)
-    naming, prefix, targets, left_out = resolve_targets(adapter, base)
+    naming, prefix, targets, left_out = resolve_targets(adapter)
     by_key: dict[str, list[Target]] = {}
     for t in targets:
         if t.key not in base.keys():
@@ -349,4 +349,4 @@ def open_adapter(path: str | Path, base: Checkpoint) -> AdapterCheckpoint:
     return AdapterCheckpoint(Path(path), source, base.match, base.arch, adapter, base, naming, prefix, by_key, left_out)
 
 
-__all__ = ["AdapterCheckpoint", "LoraAdapter", "LoraFactor", "is_lora_adapter", "open_adapter", "read_lora_adapter"]
+__all__ = ["AdapterCheckpoint", "LoraAdapter", "LoraFactor", "is_lora_adapter", "open_adapter", "read_lora_adapter", "resolve_targets"]

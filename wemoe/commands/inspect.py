@@ -15,6 +15,7 @@ from typing import Any
 import click
 import torch
 
+from wemoe.checkpoints.adapters import is_lora_adapter, read_lora_adapter, resolve_targets
 from wemoe.checkpoints.checkpoint import open_checkpoint
 from wemoe.core.arch import ViTArch
 from wemoe.core.runtime import dtype_name, parse_dtype
@@ -216,7 +217,35 @@ def describe_checkpoint(path: str, arch: str | None) -> tuple[list[str], dict[st
     return lines, raw
 
 
+def describe_adapter(path: str) -> tuple[list[str], dict[str, Any]]:
+    """A LoRA adapter folder: what it adapts and by how much, without a base."""
+    adapter = read_lora_adapter(path)
+    naming, prefix, targets, left_out = resolve_targets(adapter)
+    keys = sorted({t.key for t in targets})
+    blocks = sorted({int(k.split(".")[1]) for k in keys if k.startswith("blocks.")})
+    parts = sorted({k.split(".", 2)[2].rsplit(".", 1)[0] if k.startswith("blocks.") else k.rsplit(".", 1)[0] for k in keys})
+    ranks = sorted({t.factor.rank for t in targets})
+    scale = "alpha / sqrt(r)" if adapter.rslora else "alpha / r"
+    lines = [
+        _line("kind", f"PEFT LoRA adapter (a task for wemoe merge --tasks NAME={path})"),
+        _line("rank", ", ".join(map(str, ranks)) + f" (config r {adapter.rank})"),
+        _line("alpha", f"{adapter.alpha:g} (scale {scale})"),
+        _line("targets", f"{len(targets)} modules in {naming.name} naming" + (f" under '{prefix}'" if prefix else "")),
+        _line("adapts", f"{', '.join(parts)} in blocks {', '.join(map(str, blocks))}" if blocks else ", ".join(parts)),
+        _line("parameters", f"{sum(t.factor.down.numel() + t.factor.up.numel() for t in targets):,} in the factors"),
+    ]
+    if left_out:
+        lines.append(_line("left out", f"{len(left_out)} modules outside the image tower"))
+    raw = {"path": str(path), "kind": "peft-lora", "rank": adapter.rank, "alpha": adapter.alpha, "rslora": adapter.rslora, "naming": naming.name}
+    raw["targets"] = {t.factor.module: {"key": t.key, "rank": t.factor.rank, "scale": t.factor.scale} for t in targets}
+    return lines, raw
+
+
 def run_inspect(path: str, arch: str | None, as_json: bool = False) -> None:
+    if is_lora_adapter(path):
+        lines, raw = describe_adapter(path)
+        click.echo(json.dumps(raw, indent=2) if as_json else "\n".join([_line("path", str(path)), *lines]))
+        return
     record = read_output(path)
     if as_json and record is not None:
         click.echo(json.dumps(record.raw, indent=2))
