@@ -236,7 +236,7 @@ def test_adapter_of_a_full_clip_model_merges_its_image_tower(tmp_path, capsys):
     torch.manual_seed(0)
     config = transformers.CLIPConfig(vision_config=vision_config().to_dict(), text_config=text, projection_dim=EMBED)
     transformers.CLIPModel(config).eval().save_pretrained(tmp_path / "clip")
-    reference = lora(transformers.CLIPModel.from_pretrained(tmp_path / "clip"), tmp_path / "adapter", 7, target_modules=["q_proj", "fc2"])
+    reference = lora(transformers.CLIPModel.from_pretrained(tmp_path / "clip"), tmp_path / "adapter", 7, target_modules=["q_proj", "fc2", "text_projection"])
     capsys.readouterr()
     out = tmp_path / "out"
     code, _, err = merge_cli(capsys, tmp_path / "clip", {"c": tmp_path / "adapter"}, "task-arithmetic", out, "--lambda", "1")

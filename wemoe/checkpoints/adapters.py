@@ -17,6 +17,7 @@ The folder format (PEFT's ``save_pretrained``): ``adapter_config.json`` (``peft_
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -174,6 +175,7 @@ class Target:
     factor: LoraFactor
 
 
+@functools.cache
 def _module_patterns(scheme: Scheme) -> list[tuple[re.Pattern[str], str, int]]:
     """(regex over module paths with the prefix and block index as groups, canonical template, part) per linear."""
     out = []
@@ -187,19 +189,29 @@ def _module_patterns(scheme: Scheme) -> list[tuple[re.Pattern[str], str, int]]:
     return out
 
 
+def _landing(module: str) -> tuple[Scheme, str, str, int] | None:
+    """(naming, prefix, canonical key, part) of the first naming with a linear of this module path."""
+    for scheme in NAMINGS:
+        for rx, canonical, part in _module_patterns(scheme):
+            m = rx.match(module)
+            if m is not None:
+                key = canonical.format(n=int(m.group("n"))) if "{n}" in canonical else canonical
+                return scheme, m.group("prefix"), key, part
+    return None
+
+
 def resolve_targets(adapter: LoraAdapter) -> tuple[Scheme, str, list[Target], list[str]]:
     """The key scheme and prefix of the adapter's module names, where each module lands, and the modules of
     another tower (a full CLIP's text tower) that are left out."""
     found: dict[tuple[str, str], list[Target]] = {}
     unknown = []
     for module, factor in adapter.factors.items():
-        for scheme in NAMINGS:
-            hit = next(((rx.match(module), canonical, part) for rx, canonical, part in _module_patterns(scheme) if rx.match(module)), None)
-            if hit is not None:
-                m, canonical, part = hit
-                key = canonical.format(n=int(m.group("n"))) if "{n}" in canonical else canonical
-                found.setdefault((scheme.name, m.group("prefix")), []).append(Target(key, part, factor))
-                break
+        hit = _landing(module)
+        if hit is not None:
+            scheme, prefix, key, part = hit
+            found.setdefault((scheme.name, prefix), []).append(Target(key, part, factor))
+        elif "text" in module:  # a full CLIP's text tower: its projection has no image-tower rule
+            found.setdefault(("", "text"), []).append(Target("", 0, factor))
         else:
             unknown.append(module)
     if unknown:
@@ -210,7 +222,7 @@ def resolve_targets(adapter: LoraAdapter) -> tuple[Scheme, str, list[Target], li
     if not image:
         raise WemoeError("the adapter targets the text tower only; wemoe merges image towers", path=adapter.path)
     if len(image) != 1:
-        towers = ", ".join(f"'{prefix}' ({name})" for name, prefix in found)
+        towers = ", ".join(f"'{prefix}' ({name})" for name, prefix in image)
         raise WemoeError(f"cannot tell the image tower among the adapter's targets (module prefixes {towers})", path=adapter.path)
     (name, prefix), targets = next(iter(image.items()))
     left_out = [t.factor.module for k, ts in found.items() if k != (name, prefix) for t in ts]
