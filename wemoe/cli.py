@@ -84,7 +84,7 @@ def _merge_command() -> click.Command:
     params: list[click.Parameter] = [
         click.Option(["--config", "config_path"], type=click.Path(dir_okay=False), help="YAML file naming base, tasks and parameters; flags override it."),
         click.Option(["--base"], help="Pretrained checkpoint (file or directory)."),
-        click.Option(["--tasks"], multiple=True, metavar="[NAME=]PATH ...", help="Fine-tuned checkpoints, one or more after the flag."),
+        click.Option(["--tasks"], multiple=True, metavar="[NAME=]PATH ...", help="Fine-tuned checkpoints or PEFT LoRA adapter folders, one or more."),
         click.Option(["--method"], type=click.Choice(names), default=None, help="Merge method [default: task-arithmetic]."),
         click.Option(["--out"], type=click.Path(), help="Output directory."),
         click.Option(
