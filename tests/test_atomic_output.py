@@ -199,4 +199,8 @@ def test_same_seed_same_bytes(z, capsys):
     names = sorted(p.name for p in sharded[0].iterdir() if p.name != "report.json")
     assert len([n for n in names if n.endswith(".safetensors")]) > 1
     for name in names:
+        if name == "README.md":  # the model card names its own directory (its load snippet runs as pasted)
+            cards = [(d / name).read_text().replace(str(d), "OUT") for d in sharded]
+            assert cards[0] == cards[1] and "OUT" in cards[0]
+            continue
         assert (sharded[0] / name).read_bytes() == (sharded[1] / name).read_bytes(), name

@@ -84,7 +84,7 @@ def _merge_command() -> click.Command:
     params: list[click.Parameter] = [
         click.Option(["--config", "config_path"], type=click.Path(dir_okay=False), help="YAML file naming base, tasks and parameters; flags override it."),
         click.Option(["--base"], help="Pretrained checkpoint (file or directory)."),
-        click.Option(["--tasks"], multiple=True, metavar="[NAME=]PATH ...", help="Fine-tuned checkpoints, one or more after the flag."),
+        click.Option(["--tasks"], multiple=True, metavar="[NAME=]PATH ...", help="Fine-tuned checkpoints or PEFT LoRA adapter folders, one or more."),
         click.Option(["--method"], type=click.Choice(names), default=None, help="Merge method [default: task-arithmetic]."),
         click.Option(["--out"], type=click.Path(), help="Output directory."),
         click.Option(
@@ -123,7 +123,12 @@ def _merge_command() -> click.Command:
     help="Task to evaluate (repeatable); HEAD may be empty for outputs that store heads, or clip:CLIP (NAME=clip:CLIP:DATA) "
     "for a zero-shot head from that full CLIP checkpoint and the data's class names.",
 )
-@click.option("--split", default="test", show_default=True)
+@click.option(
+    "--split",
+    default="test",
+    show_default=True,
+    help="Which split of the data: the sub-folder of that name of an image folder (else the folder itself), or x_SPLIT/y_SPLIT of an .npz.",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per forward pass [64].")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N images per task.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write results as JSON.")
@@ -150,20 +155,26 @@ def eval_cmd(**opts: Any) -> None:
 @click.command()
 @click.argument("path")
 @click.option("--arch", help="Architecture name or JSON file.")
-def inspect(path: str, arch: str | None) -> None:
-    """Show a checkpoint's key scheme, architecture and parameter counts."""
+@click.option("--json", "as_json", is_flag=True, help="Print the raw record (an output's config.json / wemoe.json) as JSON instead of text.")
+def inspect(path: str, arch: str | None, as_json: bool) -> None:
+    """Show what a checkpoint or wemoe output is: scheme, architecture, size against a plain model, experts, routing, adaptation."""
     from wemoe.commands.inspect import run_inspect
 
-    run_inspect(path, arch)
+    run_inspect(path, arch, as_json)
 
 
 @click.command()
 @click.argument("model")
 @click.option("--task", "tasks", multiple=True, metavar="NAME=DATA ...", help="Task data to route (repeatable).")
-@click.option("--split", default="test", show_default=True)
-@click.option("--limit", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--png", type=click.Path(dir_okay=False), help="Write a heatmap PNG.")
+@click.option(
+    "--split",
+    default="test",
+    show_default=True,
+    help="Which split of the data: the sub-folder of that name of an image folder (else the folder itself), or x_SPLIT/y_SPLIT of an .npz.",
+)
+@click.option("--limit", type=click.IntRange(min=1), default=256, show_default=True, help="At most N images per task (the first N).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per forward pass.")
+@click.option("--png", type=click.Path(dir_okay=False), help="Write a heatmap PNG (its path is printed).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write mean routing weights as JSON.")
 @device_option
 @verbosity_options
@@ -178,10 +189,15 @@ def routes(**opts: Any) -> None:
 @click.argument("model")
 @click.option("--task", "task", required=True, help="Task whose mean routing weights to bake in.")
 @click.option("--data", help="Images of the task (defaults to the data recorded at merge time).")
-@click.option("--split", default="test", show_default=True)
-@click.option("--limit", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--out", required=True, type=click.Path())
-@click.option("--force", is_flag=True)
+@click.option(
+    "--split",
+    default="test",
+    show_default=True,
+    help="Which split of the data: the sub-folder of that name of an image folder (else the folder itself), or x_SPLIT/y_SPLIT of an .npz.",
+)
+@click.option("--limit", type=click.IntRange(min=1), default=256, show_default=True, help="Images whose mean routing is baked in (the first N).")
+@click.option("--out", required=True, type=click.Path(), help="Output directory (a plain checkpoint in the base's key scheme).")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @device_option
 @verbosity_options
 def export(**opts: Any) -> None:

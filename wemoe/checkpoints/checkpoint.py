@@ -132,6 +132,10 @@ def open_checkpoint(path: str | Path, arch: str | dict | None = None) -> Checkpo
         raise WemoeError(str(exc), path=path) from None
     if arch is not None:
         hints.append(arch_from_name_or_file(arch) if isinstance(arch, str) else dict(arch, source="arch argument"))
+    if "head.weight" not in match.native_of:
+        # transformers writes projection_dim into every CLIP vision config, CLIPVisionModel's too:
+        # a tower without the projection tensor has no projection, whatever its config says
+        hints = [{k: v for k, v in h.items() if k != "embed_dim"} for h in hints]
     try:
         resolved = resolve_arch(inferred, *hints)
     except WemoeError as exc:

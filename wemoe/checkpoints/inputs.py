@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from wemoe.checkpoints.adapters import AdapterCheckpoint, is_lora_adapter, open_adapter
 from wemoe.checkpoints.checkpoint import Checkpoint, config_hints, open_checkpoint
 from wemoe.core.arch import arch_from_name_or_file
 from wemoe.core.tasks import check_unique
 from wemoe.errors import WemoeError
+from wemoe.schemes import TRANSFORMERS_SCHEMES
 
 # Fine-tuned vision-only checkpoints (e.g. FusionBench's HF CLIPVisionModel ones)
 # lack the projection; it is then taken from the base unchanged.
@@ -43,6 +45,7 @@ class MergeInputs:
     base_sha256: str
     tasks: list[TaskInput]
     notes: list[str] = field(default_factory=list)
+    hints: list[str] = field(default_factory=list)  # said at merge time, not recorded: how to load the output
 
     @property
     def task_names(self) -> list[str]:
@@ -74,29 +77,47 @@ def _check_finite(ckpt: Checkpoint, bar: tqdm | None) -> None:
             bar.update(1)
 
 
-def _compare(base: Checkpoint, task: Checkpoint, base_stated: dict) -> tuple[str, ...]:
+SHAPE_FIELDS = ("depth", "width", "mlp_width", "patch_size", "image_size")
+
+
+def _architecture_difference(base: Checkpoint, task: Checkpoint) -> str | None:
+    """A task of another depth or width is a fine-tune of another model: which architecture each has."""
+    differ = [f for f in SHAPE_FIELDS if getattr(base.arch, f) != getattr(task.arch, f)]
+    if not differ:
+        return None
+    describe = lambda a: ", ".join(f"{f.replace('_', ' ')} {getattr(a, f)}" for f in differ)
+    return f"a ViT of {describe(task.arch)}, the base {base.path} is one of {describe(base.arch)}: a task must be a fine-tune of the base's architecture"
+
+
+def _tensor_difference(base: Checkpoint, task: Checkpoint, from_base: list[str]) -> tuple[str, str] | None:
+    """The first tensor the task cannot be merged on, as (what, native name); fills ``from_base``."""
     bkeys, tkeys = set(base.keys()), set(task.keys())
     for key in sorted(tkeys - bkeys):
-        raise WemoeError(f"tensor is not in the base checkpoint {base.path}", path=task.path, tensor=task.native_names(key)[0])
-    from_base = []
+        return f"tensor is not in the base checkpoint {base.path}", task.native_names(key)[0]
     for key in base.keys():
         if key not in tkeys:
             if key in OPTIONAL_IN_TASKS:
                 from_base.append(key)
                 continue
-            raise WemoeError("missing tensor (the base has it)", path=task.path, tensor=base.native_names(key)[0])
+            return "missing tensor (the base has it)", base.native_names(key)[0]
         bs, ts = base.shape(key), task.shape(key)
         if bs != ts:
-            raise WemoeError(
-                f"shape {list(ts)} does not match the base's {list(bs)} (different architecture?)", path=task.path, tensor=task.native_names(key)[0]
-            )
+            return f"shape {list(ts)} does not match the base's {list(bs)} (different architecture?)", task.native_names(key)[0]
         bd, td = base.dtype(key), task.dtype(key)
         if bd != td:
-            raise WemoeError(
-                f"dtype {str(td).replace('torch.', '')} does not match the base's {str(bd).replace('torch.', '')}",
-                path=task.path,
-                tensor=task.native_names(key)[0],
-            )
+            return f"dtype {str(td).replace('torch.', '')} does not match the base's {str(bd).replace('torch.', '')}", task.native_names(key)[0]
+    return None
+
+
+def _compare(base: Checkpoint, task: Checkpoint, base_stated: dict) -> tuple[str, ...]:
+    from_base: list[str] = []
+    problem = _tensor_difference(base, task, from_base)
+    architecture = _architecture_difference(base, task)
+    if architecture is not None:
+        evidence = f" (first difference: tensor '{problem[1]}': {problem[0]})" if problem else ""
+        raise WemoeError(architecture + evidence, path=task.path)
+    if problem is not None:
+        raise WemoeError(problem[0], path=task.path, tensor=problem[1])
     # Tasks are opened with the base's heads and activation (shapes cannot tell them);
     # a task whose own files state different ones is a different architecture.
     stated = _stated_arch(task)
@@ -117,6 +138,20 @@ def _stated_arch(ckpt: Checkpoint, arch: str | dict | None = None) -> dict:
     return stated
 
 
+def load_hints(base: Checkpoint) -> list[str]:
+    """What a user loading the output in its library needs to know and the files cannot make right.
+
+    A transformers image tower without a projection (``CLIPVisionModel``) has no ``visual_projection``
+    to write: loaded into ``CLIPVisionModelWithProjection``, that layer would be initialised at random.
+    """
+    if base.scheme in TRANSFORMERS_SCHEMES and "head.weight" not in base.keys():
+        return [
+            "the base is a CLIPVisionModel (no visual_projection.weight): load the output with CLIPVisionModel; "
+            "CLIPVisionModelWithProjection would leave visual_projection.weight missing (randomly initialised)"
+        ]
+    return []
+
+
 def load_inputs(
     base_path: str | Path,
     tasks: Sequence[tuple[str, str | Path]],
@@ -134,15 +169,25 @@ def load_inputs(
         if rp in seen_paths:
             raise WemoeError(f"the same checkpoint is given twice (tasks '{seen_paths[rp]}' and '{n}')", path=p)
         seen_paths[rp] = n
+    if is_lora_adapter(base_path):
+        raise WemoeError("a LoRA adapter folder is a task, not a base: give the pretrained model it was trained on as --base", path=base_path)
     base = open_checkpoint(base_path, arch)
     notes: list[str] = []
     if base.match.ignored:
         notes.append(f"base: using the image tower only ({len(base.match.ignored)} other tensors ignored)")
     base_stated = _stated_arch(base, arch)
+    hints = load_hints(base)
     opened = []
     for name, path in tasks:
         # Shapes are compared tensor by tensor below (naming the tensor); only what
         # shapes cannot tell is carried over from the base.
+        if is_lora_adapter(path):
+            adapter = open_adapter(path, base)
+            notes.append(f"task '{name}': {adapter.describe()}; its task vector is scale * B @ A on those, zero elsewhere")
+            if adapter.left_out:
+                notes.append(f"task '{name}': {len(adapter.left_out)} LoRA modules outside the image tower left out")
+            opened.append((name, adapter, ()))
+            continue
         ckpt = open_checkpoint(path, {"heads": base.arch.heads, "activation": base.arch.activation})
         from_base = _compare(base, ckpt, base_stated)
         if from_base:
@@ -151,10 +196,11 @@ def load_inputs(
             notes.append(f"task '{name}': {ckpt.scheme} layout, converted to the base's {base.scheme} layout")
         opened.append((name, ckpt, from_base))
     if check_finite:
-        total = len(base.keys()) * (1 + len(opened))
+        checked = [ckpt for _, ckpt, _ in opened if not isinstance(ckpt, AdapterCheckpoint)]  # adapters: their factors, when read
+        total = len(base.keys()) * (1 + len(checked))
         with tqdm(total=total, desc="validating", unit="tensor", disable=not progress, leave=False) as bar:
             _check_finite(base, bar)
-            for _, ckpt, _ in opened:
+            for ckpt in checked:
                 _check_finite(ckpt, bar)
     base_hash = sha256_of(base)
     task_inputs = []
@@ -165,4 +211,4 @@ def load_inputs(
             raise WemoeError(f"identical to {hashes[digest]} (the same checkpoint given twice?)", path=ckpt.path)
         hashes[digest] = f"task '{name}'"
         task_inputs.append(TaskInput(name, ckpt, digest, from_base))
-    return MergeInputs(base, base_hash, task_inputs, notes)
+    return MergeInputs(base, base_hash, task_inputs, notes, hints)

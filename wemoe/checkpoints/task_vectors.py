@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
+from wemoe.checkpoints.adapters import AdapterCheckpoint
 from wemoe.checkpoints.inputs import MergeInputs
 
 
@@ -31,6 +32,8 @@ def iter_task_vectors(inputs: MergeInputs, key: str, base: torch.Tensor, device:
     for task in inputs.tasks:
         if key in task.from_base:
             yield torch.zeros_like(base)
+        elif isinstance(task.checkpoint, AdapterCheckpoint):  # exact: scale * B @ A, never (base + delta) - base
+            yield task.checkpoint.delta(key).to(device=device, dtype=base.dtype)
         else:
             # out of place: a reader may hand back a tensor it keeps (in-memory .pt state dicts)
             yield task.checkpoint.get(key).to(device=device, dtype=base.dtype) - base
@@ -60,6 +63,12 @@ class TaskVectorsOf:
 
     def stack(self, transposed: bool = False) -> torch.Tensor:
         return stacked_task_vectors(self.inputs, self.key, self.base, self.device, transposed)
+
+    def factors(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """A LoRA adapter task's own factors of this weight (exact), None for whole checkpoints."""
+        return [
+            t.checkpoint.factors(self.key) if isinstance(t.checkpoint, AdapterCheckpoint) and self.key not in t.from_base else None for t in self.inputs.tasks
+        ]
 
 
 __all__ = ["TaskVectorsOf", "base_tensor", "compute_dtype", "iter_task_vectors", "stacked_task_vectors"]

@@ -76,7 +76,7 @@ def run_eval(opts: dict[str, Any]) -> None:
     specs = [parse_task_spec(s) for s in opts.get("tasks") or ()]
     if not specs:
         raise click.UsageError("no --task given (NAME=HEAD:DATA)")
-    check_unique([s[0] for s in specs])
+    check_unique([s[0] for s in specs], "task", [s[2] for s in specs])
     if opts.get("json_path"):
         check_report_path(opts["json_path"], [opts["model"], opts.get("arch"), *(p for _, head, data in specs for p in (head, data))])
     record = require_output(opts["model"]) if opts.get("card") else None
@@ -119,6 +119,7 @@ def run_eval(opts: dict[str, Any]) -> None:
         if agnostic:
             report["task_agnostic"] = {k: mean(getattr(r, k) for r in results.values()) for k in ("task_accuracy", "joint_accuracy")}
         Path(opts["json_path"]).write_text(json.dumps(report, indent=2) + "\n")
+        click.echo(f"wrote the results to {opts['json_path']}", err=True)
     if opts.get("card"):
         accuracy = {n: {**result_record(r), "data": str(job[3])} for (n, r), job in zip(results.items(), jobs)}
         write_card(record.path, record.raw, method_summary(record), accuracy)

@@ -26,13 +26,14 @@ def run_routes(opts: dict[str, Any]) -> None:
         if opts.get(key):
             check_report_path(opts[key], [opts["model"], *(path for _, _, path in specs)])
     device = resolve_device(opts.get("device") or "auto")
-    check_unique([s[0] for s in specs])
+    check_unique([s[0] for s in specs], "task", [s[2] for s in specs])
     model = load_wemoe(require_output(opts["model"], moe=True), device=device)
     datasets = {name: load_data(path, opts.get("split") or "test").subset(opts.get("limit")) for name, _head, path in specs}
     means = {n: mean_routing(model, d, opts["batch_size"], device, progress_enabled(opts), desc=n) for n, d in datasets.items()}
     click.echo(routing_table(model, means))
     if opts.get("png"):
         routing_heatmap(model, means, opts["png"])
+        click.echo(f"wrote the routing heatmap to {opts['png']}", err=True)
     if opts.get("json_path"):
         report = {
             "experts": model.task_names,
@@ -41,3 +42,4 @@ def run_routes(opts: dict[str, Any]) -> None:
             "mean_routing": {n: m.tolist() for n, m in means.items()},
         }
         Path(opts["json_path"]).write_text(json.dumps(report, indent=2) + "\n")
+        click.echo(f"wrote the mean routing weights to {opts['json_path']}", err=True)

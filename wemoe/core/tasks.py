@@ -42,12 +42,18 @@ def split_named(spec: str) -> tuple[str, str]:
     return stem, spec
 
 
-def check_unique(names: Sequence[str], what: str = "task") -> None:
-    seen: set[str] = set()
-    for n in names:
+def check_unique(names: Sequence[str], what: str = "task", values: Sequence[str] | None = None) -> None:
+    """Refuse a name given twice; with ``values`` (the paths), say which two values gave it."""
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):
         if n in seen:
-            raise WemoeError(f"{what} '{n}' is given twice")
-        seen.add(n)
+            if values is None:
+                raise WemoeError(f"{what} '{n}' is given twice")
+            first, second = values[seen[n]], values[i]
+            if first == second:
+                raise WemoeError(f"{what} '{n}' is given twice ('{first}')")
+            raise WemoeError(f"{what} '{n}' is given twice: '{first}' and '{second}' both give the name '{n}' (name them apart with NAME=PATH)")
+        seen[n] = i
 
 
 __all__ = ["NAME_SUFFIXES", "TaskSpec", "check_unique", "split_named"]

@@ -194,7 +194,7 @@ def named_paths(value: Mapping[str, Any] | Sequence[Any] | None, what: str) -> d
         pairs = [split_named(path_value(v, what) or _missing(what)) for v in value]
     else:
         raise UsageError(f"{what}s must be a mapping of task names to paths or a list of paths, got {_kind(value)}")
-    check_unique([n for n, _ in pairs], f"{what} for task")
+    check_unique([n for n, _ in pairs], f"{what} for task", [v for _, v in pairs])
     return dict(pairs)
 
 

@@ -115,7 +115,7 @@ def prepare_job(config: MergeConfig) -> MergeJob:
         check_destination(config.out, config.force, input_paths(*config.inputs()))
     inputs = load_inputs(config.base, [(t.name, t.checkpoint) for t in config.tasks], arch=config.arch, progress=not config.quiet)
     ctx = MethodContext(inputs, list(config.tasks), {}, config.params, device, config.seed, config.quiet)
-    for note in inputs.notes:
+    for note in [*inputs.notes, *inputs.hints]:
         ctx.note(f"note: {note}")
     split = getattr(config.params, "split", "test")
     ctx.heads = load_task_heads(config.tasks, inputs.base.arch.output_dim, split, config.arch, device, not config.quiet)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from wemoe.core import json_text
 from wemoe.errors import WemoeError
-from wemoe.io.safetensors_io import load_tensors, save_tensors
+from wemoe.io.safetensors_io import SafetensorsFile, load_tensors, save_tensors
 from wemoe.io.sources import open_source
 
 TRUE = {"1", "true", "yes", "True"}
@@ -119,6 +119,11 @@ def save_heads(path: Path, heads: Mapping[str, Head]) -> None:
         if h.classes is not None:
             meta[f"{name}.classes"] = json.dumps(h.classes)
     save_tensors(path, tensors, meta)
+
+
+def stored_head_names(path: Path) -> list[str]:
+    """The tasks whose heads ``save_heads`` stored in ``path``, read from the header only."""
+    return sorted({k.rsplit(".", 1)[0] for k in SafetensorsFile(path).keys()})
 
 
 def load_heads(path: Path) -> dict[str, Head]:

@@ -175,8 +175,10 @@ class VisionTransformer(nn.Module):
 
     def logits(self, images: torch.Tensor, task: str) -> torch.Tensor:
         """Class logits of ``task`` with its stored head."""
+        if not self.heads:
+            raise WemoeError(f"this model has no heads, so no logits for task '{task}': merge with --heads, or apply your own head to model(images)")
         if task not in self.heads:
-            raise WemoeError(f"unknown task '{task}' (this model has heads for: {', '.join(self.heads) or 'none'})")
+            raise WemoeError(f"unknown task '{task}' (this model has heads for: {', '.join(self.heads)})")
         return self.heads[task].logits(self(images))
 
 

@@ -16,6 +16,7 @@ import torch
 
 from wemoe.core.arch import ViTArch
 from wemoe.core.runtime import dtype_name
+from wemoe.schemes import TRANSFORMERS_SCHEMES
 
 DTYPE_KEYS = ("torch_dtype", "dtype")  # transformers 4 writes the first, 5 the second
 
@@ -68,7 +69,7 @@ def vision_model_config(source: Mapping[str, Any] | None, arch: ViTArch, dtype: 
 def own_model_config(scheme: str, source: Mapping[str, Any] | None, arch: ViTArch, dtype: torch.dtype) -> dict[str, Any] | None:
     """The library's own config.json for a plain output in ``scheme``; None where the library needs none
     (timm and open_clip load bare state dicts), and the record keeps config.json."""
-    return vision_model_config(source, arch, dtype) if scheme == "hf_clip" else None
+    return vision_model_config(source, arch, dtype) if scheme in TRANSFORMERS_SCHEMES else None
 
 
 __all__ = ["own_model_config", "vision_model_config"]

@@ -180,9 +180,10 @@ def open_clip_block_rules() -> list[Rule]:
     return block_rules(template)
 
 
-def hf_block_rules(tower: str) -> list[Rule]:
-    """Hugging Face CLIP encoder layers of ``tower`` (``vision_model`` or ``text_model``); q, k, v kept apart."""
-    hf = f"{tower}.encoder.layers.{{n}}."
+def hf_block_rules(tower: str | None) -> list[Rule]:
+    """Hugging Face CLIP encoder layers of ``tower`` (``vision_model``, ``text_model``, or None for a bare
+    tower); q, k, v kept apart."""
+    hf = f"{tower}.encoder.layers.{{n}}." if tower else "encoder.layers.{n}."
     names = {"norm1": "layer_norm1", "attn.proj": "self_attn.out_proj", "norm2": "layer_norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
     template: dict[str, tuple[str, ...] | str] = {}
     for part in BLOCK_PARTS:
@@ -225,29 +226,52 @@ OPEN_CLIP = Scheme(
     zero_only=("head.bias", "patch_embed.proj.bias"),
 )
 
+
+def hf_vision_rules(tower: str) -> tuple[Rule, ...]:
+    """A Hugging Face CLIP image tower whose keys start with ``tower`` (``vision_model.`` or nothing)."""
+    return tuple(
+        [
+            Rule("cls_token", (f"{tower}embeddings.class_embedding",), VECTOR_AS_TOKEN),
+            Rule("pos_embed", (f"{tower}embeddings.position_embedding.weight",), ADD_BATCH_DIM),
+            Rule("patch_embed.proj.weight", (f"{tower}embeddings.patch_embedding.weight",)),
+            Rule("norm_pre.weight", (f"{tower}pre_layrnorm.weight",)),
+            Rule("norm_pre.bias", (f"{tower}pre_layrnorm.bias",)),
+            Rule("norm.weight", (f"{tower}post_layernorm.weight",)),
+            Rule("norm.bias", (f"{tower}post_layernorm.bias",)),
+            Rule("head.weight", ("visual_projection.weight",)),
+        ]
+        + hf_block_rules(tower.rstrip(".") or None)
+    )
+
+
+# transformers 4 (every class) and 5 (CLIPVisionModelWithProjection, CLIPModel): the tower under ``vision_model.``
 HF_CLIP = Scheme(
     name="hf_clip",
     anchor="vision_model.encoder.layers.0.mlp.fc1.weight",
     confirm="vision_model.embeddings.patch_embedding.weight",
     block_regex=r"vision_model\.encoder\.layers\.(\d+)\.",
     roots=("vision_model.", "visual_projection."),
-    rules=tuple(
-        [
-            Rule("cls_token", ("vision_model.embeddings.class_embedding",), VECTOR_AS_TOKEN),
-            Rule("pos_embed", ("vision_model.embeddings.position_embedding.weight",), ADD_BATCH_DIM),
-            Rule("patch_embed.proj.weight", ("vision_model.embeddings.patch_embedding.weight",)),
-            Rule("norm_pre.weight", ("vision_model.pre_layrnorm.weight",)),
-            Rule("norm_pre.bias", ("vision_model.pre_layrnorm.bias",)),
-            Rule("norm.weight", ("vision_model.post_layernorm.weight",)),
-            Rule("norm.bias", ("vision_model.post_layernorm.bias",)),
-            Rule("head.weight", ("visual_projection.weight",)),
-        ]
-        + hf_block_rules("vision_model")
-    ),
+    rules=hf_vision_rules("vision_model."),
     zero_only=("head.bias", "patch_embed.proj.bias"),
 )
 
-SCHEMES: dict[str, Scheme] = {s.name: s for s in (TIMM, OPEN_CLIP, HF_CLIP)}
+# transformers 5 ``CLIPVisionModel.save_pretrained``: the same tower without the ``vision_model.`` prefix.
+# Its own layout, so that outputs are written back in it; tried after HF_CLIP, whose keys end like these.
+HF_CLIP_VISION = Scheme(
+    name="hf_clip_vision",
+    anchor="encoder.layers.0.mlp.fc1.weight",
+    confirm="embeddings.patch_embedding.weight",
+    block_regex=r"encoder\.layers\.(\d+)\.",
+    roots=("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.", "visual_projection."),
+    rules=hf_vision_rules(""),
+    zero_only=("head.bias", "patch_embed.proj.bias"),
+)
+
+# The layouts transformers loads (``CLIPVisionModel[WithProjection].from_pretrained``).
+TRANSFORMERS_SCHEMES = (HF_CLIP.name, HF_CLIP_VISION.name)
+
+
+SCHEMES: dict[str, Scheme] = {s.name: s for s in (TIMM, OPEN_CLIP, HF_CLIP, HF_CLIP_VISION)}
 
 
 def get_scheme(name: str) -> Scheme:
@@ -259,8 +283,9 @@ def get_scheme(name: str) -> Scheme:
 
 def detect_scheme(keys: Sequence[str], path: str | None = None) -> SchemeMatch:
     """Find the one scheme whose anchor tensor is present and map its keys."""
-    # HF and open_clip before timm: their keys can contain timm-looking fragments.
-    for scheme in (HF_CLIP, OPEN_CLIP, TIMM):
+    # HF and open_clip before timm: their keys can contain timm-looking fragments;
+    # the prefixed HF layout before the bare one, whose anchor ends its keys.
+    for scheme in (HF_CLIP, HF_CLIP_VISION, OPEN_CLIP, TIMM):
         prefix = scheme.find_prefix(keys)
         if prefix is not None:
             return scheme.match(keys, prefix, path)

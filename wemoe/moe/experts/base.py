@@ -65,6 +65,11 @@ class TaskVectors(Protocol):
         """All of them as one (T, out, in) tensor; ``transposed``: stored as (T, in, out), returned as its (T, out, in) view."""
         ...
 
+    def factors(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per task, factors its vector is given in exactly (a LoRA adapter's): ``down`` (r, in) and ``up`` (r, out)
+        with ``up^T @ down`` = tau_t; None for a task given as a whole checkpoint."""
+        ...
+
 
 class ExpertStoreKind(Kind):
     """How routed linears keep their task vectors: a registered kind with its options."""

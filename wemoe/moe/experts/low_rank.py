@@ -63,6 +63,13 @@ def truncated_svd(dw: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tens
     return vh[:rank].to(dw.dtype).contiguous(), up.to(dw.dtype).contiguous(), (kept / total if total > 0 else 1.0)
 
 
+def padded(factors: tuple[torch.Tensor, torch.Tensor], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of rank r <= ``rank`` as rank-``rank`` ones: zero rows add nothing to ``up^T @ down``."""
+    down, up = (f.float() for f in factors)
+    extra = rank - down.shape[0]
+    return F.pad(down, (0, 0, 0, extra)).contiguous(), F.pad(up, (0, 0, 0, extra)).contiguous()
+
+
 @EXPERT_STORES.register
 class LowRank(ExpertStoreKind):
     name = "low-rank"
@@ -88,9 +95,16 @@ class LowRank(ExpertStoreKind):
         return LowRankExperts(num_experts, in_features, out_features, self.rank, device=device)
 
     def weight_buffers(self, vectors: TaskVectors, out_features: int, in_features: int) -> tuple[dict[str, torch.Tensor], Any]:
+        """Each task vector's rank-R truncated SVD; a LoRA adapter's own factors where their rank is at most R
+        (exact, no SVD: zero rows pad them to R)."""
         downs, ups, kept = [], [], []
-        for tau in vectors:
-            down, up, fraction = truncated_svd(tau.float(), self.rank)
+        given = getattr(vectors, "factors", lambda: None)() or []
+        for t, tau in enumerate(vectors):
+            own = given[t] if t < len(given) else None
+            if own is not None and own[0].shape[0] <= self.rank:
+                down, up, fraction = *padded(own, self.rank), 1.0
+            else:
+                down, up, fraction = truncated_svd(tau.float(), self.rank)
             downs.append(down)
             ups.append(up)
             kept.append(round(fraction, 6))
@@ -103,4 +117,4 @@ class LowRank(ExpertStoreKind):
         return {"rank": self.rank}
 
 
-__all__ = ["LowRank", "LowRankExperts", "truncated_svd"]
+__all__ = ["LowRank", "LowRankExperts", "padded", "truncated_svd"]
