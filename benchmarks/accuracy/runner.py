@@ -182,7 +182,8 @@ def run(quick: bool, results_dir: Path, cache: Path | None, extended: bool, only
     try:
         if extended:  # the second command: WEMoE variants; the main job's rows are kept from the last main run
             earlier = previous.get("methods", {})
-            methods = {k: v for k, v in earlier.items() if not is_extended(k)}
+            # the main job's rows as the last main run measured them, on its machine
+            methods = {k: {**v, "machine": v.get("machine", previous.get("machine", "not recorded"))} for k, v in earlier.items() if not is_extended(k)}
             command = "python -m benchmarks.accuracy --extended"
             chosen = {k: v for k, v in EXTENDED_WEMOE.items() if not only or k in only}
             methods.update(carried_rows(zoo, {k: v for k, v in EXTENDED_WEMOE.items() if k not in chosen}, earlier, previous.get("machine"), log))
