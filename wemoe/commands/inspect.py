@@ -22,9 +22,9 @@ from wemoe.core.runtime import dtype_name, parse_dtype
 from wemoe.io.sources import open_source
 from wemoe.model.heads import stored_head_names
 from wemoe.model.vit import VisionTransformer
-from wemoe.moe.spec import MoESpec
 from wemoe.outputs.artifact import OutputRecord, read_output
 from wemoe.outputs.layout import MOE_SECTION
+from wemoe.outputs.moe_module import record_spec
 
 WIDTH = 15  # label column
 
@@ -137,7 +137,7 @@ def _heads_line(record: OutputRecord) -> list[str]:
 
 def describe_moe(record: OutputRecord) -> list[str]:
     moe = record.section(MOE_SECTION)
-    spec = MoESpec.from_record(moe)
+    spec = record_spec(record)  # a record naming an unknown kind is the file's error (exit 1)
     routed = [f"{b}.{g}" for b, g in spec.routes()]
     rank = moe.get("rank")
     store = spec.store.describe()
