@@ -190,7 +190,8 @@ def notes(report: dict) -> list[str]:
             "benchmarks/results/output_hashes.json` shows those arguments still write the same bytes. Their routing acc. is the "
             "earlier definition (mean coefficients over the routed groups, on 200 test images per task)."
         )
-    out.append(f"- Run time: {report['seconds']} s (`python -m benchmarks.accuracy{' --quick' if report['quick'] else ''}`).")
+    full_run = "the last full run, before the rows without † were rerun with `--only`; " if carried else ""
+    out.append(f"- Run time: {report['seconds']} s ({full_run}`python -m benchmarks.accuracy{' --quick' if report['quick'] else ''}`).")
     if report.get("extended_seconds"):
         out.append(
             f"- Rows marked `--extended`: `python -m benchmarks.accuracy --extended` ({report['extended_seconds']} s; the main job's 20-minute budget has no room for them)."
