@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from hf_vision import DEPTH, EMBED, HEADS, IMAGE, PATCH, WIDTH, vision_config
 from safetensors import safe_open
 
 from cli_helpers import assert_one_line_error, merge_cli, run_cli
@@ -18,21 +19,7 @@ from factories import write
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-WIDTH, DEPTH, HEADS, PATCH, IMAGE, EMBED = 32, 2, 2, 8, 32, 16
 HF_TARGETS = ["q_proj", "v_proj", "out_proj", "fc1"]
-
-
-def vision_config():
-    return transformers.CLIPVisionConfig(
-        hidden_size=WIDTH,
-        intermediate_size=4 * WIDTH,
-        num_attention_heads=HEADS,
-        num_hidden_layers=DEPTH,
-        image_size=IMAGE,
-        patch_size=PATCH,
-        projection_dim=EMBED,
-        hidden_act="quick_gelu",
-    )
 
 
 def lora(model, path, seed, **config):

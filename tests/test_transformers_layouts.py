@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from hf_vision import DEPTH, EMBED, HEADS, IMAGE, WIDTH, vision_config
 from safetensors import safe_open
 
 import wemoe
@@ -21,21 +22,6 @@ from clip_factories import image_folder
 from factories import write
 
 transformers = pytest.importorskip("transformers")
-
-WIDTH, DEPTH, HEADS, PATCH, IMAGE, EMBED = 32, 2, 2, 8, 32, 16
-
-
-def vision_config():
-    return transformers.CLIPVisionConfig(
-        hidden_size=WIDTH,
-        intermediate_size=4 * WIDTH,
-        num_attention_heads=HEADS,
-        num_hidden_layers=DEPTH,
-        image_size=IMAGE,
-        patch_size=PATCH,
-        projection_dim=EMBED,
-        hidden_act="quick_gelu",
-    )
 
 
 def saved(cls, path, seed: int, base=None, scale: float = 0.02):

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from wemoe.commands.options import GREEDY_OPTIONS, device_option, expand_greedy, verbosity_options
+from wemoe.commands.options import GREEDY_OPTIONS, device_option, expand_greedy, split_option, verbosity_options
 from wemoe.core.memory import return_freed_memory_to_os
 from wemoe.core.runtime import DTYPES
 from wemoe.errors import ReportedElsewhere, UsageError, WemoeError
@@ -123,12 +123,7 @@ def _merge_command() -> click.Command:
     help="Task to evaluate (repeatable); HEAD may be empty for outputs that store heads, or clip:CLIP (NAME=clip:CLIP:DATA) "
     "for a zero-shot head from that full CLIP checkpoint and the data's class names.",
 )
-@click.option(
-    "--split",
-    default="test",
-    show_default=True,
-    help="Which split of the data: the sub-folder of that name of an image folder (else the folder itself), or x_SPLIT/y_SPLIT of an .npz.",
-)
+@split_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per forward pass [64].")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N images per task.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write results as JSON.")
@@ -166,12 +161,7 @@ def inspect(path: str, arch: str | None, as_json: bool) -> None:
 @click.command()
 @click.argument("model")
 @click.option("--task", "tasks", multiple=True, metavar="NAME=DATA ...", help="Task data to route (repeatable).")
-@click.option(
-    "--split",
-    default="test",
-    show_default=True,
-    help="Which split of the data: the sub-folder of that name of an image folder (else the folder itself), or x_SPLIT/y_SPLIT of an .npz.",
-)
+@split_option
 @click.option("--limit", type=click.IntRange(min=1), default=256, show_default=True, help="At most N images per task (the first N).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per forward pass.")
 @click.option("--png", type=click.Path(dir_okay=False), help="Write a heatmap PNG (its path is printed).")
@@ -189,12 +179,7 @@ def routes(**opts: Any) -> None:
 @click.argument("model")
 @click.option("--task", "task", required=True, help="Task whose mean routing weights to bake in.")
 @click.option("--data", help="Images of the task (defaults to the data recorded at merge time).")
-@click.option(
-    "--split",
-    default="test",
-    show_default=True,
-    help="Which split of the data: the sub-folder of that name of an image folder (else the folder itself), or x_SPLIT/y_SPLIT of an .npz.",
-)
+@split_option
 @click.option("--limit", type=click.IntRange(min=1), default=256, show_default=True, help="Images whose mean routing is baked in (the first N).")
 @click.option("--out", required=True, type=click.Path(), help="Output directory (a plain checkpoint in the base's key scheme).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")

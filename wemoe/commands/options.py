@@ -36,6 +36,16 @@ def device_option(fn: Callable) -> Callable:
     return click.option("--device", type=click.Choice(list(DEVICES)), default="auto", show_default=True, help="Where to compute.")(fn)
 
 
+def split_option(fn: Callable) -> Callable:
+    """``--split``, the same for every command that reads task data."""
+    return click.option(
+        "--split",
+        default="test",
+        show_default=True,
+        help="Which split of the data: the sub-folder of that name of an image folder (else the folder itself), or x_SPLIT/y_SPLIT of an .npz.",
+    )(fn)
+
+
 def verbosity_options(fn: Callable) -> Callable:
     fn = click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes.")(fn)
     fn = click.option("-v", "--verbose", count=True, help="More detail.")(fn)
