@@ -21,6 +21,7 @@ from wemoe.errors import WemoeError
 from wemoe.model.vit import Block, RoutingTrace, VisionTransformer
 from wemoe.moe.block import MoEBlock
 from wemoe.moe.rest import EmbeddingExperts, RoutedLayerNorm, RoutedLinearSmall, RoutedPatchEmbedding
+from wemoe.moe.routers.task import feature_size as task_feature_size
 from wemoe.moe.spec import MoESpec
 from wemoe.moe.unseen import UnseenDetector
 
@@ -65,7 +66,7 @@ class WEMoEModel(VisionTransformer):
         # a router computed once per image (from a pass with the pretrained routed weights) drives every routed group
         self.task_router = spec.router.build_shared(arch, T, spec.init_lambda) if shared else None
         # says which images belong to none of the merged tasks, and the coefficients that serve them
-        self.unseen = UnseenDetector(arch.output_dim, T) if spec.unseen != "route" else None
+        self.unseen = UnseenDetector(task_feature_size(arch), T, spec.unseen_components) if spec.unseen != "route" else None
         self._fixed: torch.Tensor | None = None  # (T,) coefficients every sample gets while set (fixed_routing)
 
     @property

@@ -14,6 +14,7 @@ from wemoe.moe.block import DEFAULT_COEF_GUARD, GROUPS
 from wemoe.moe.experts import Dense, ExpertStoreKind, store_from_record
 from wemoe.moe.routers import ROUTERS, MlpRouter, RouterKind
 from wemoe.moe.routers.learned import INIT_STD
+from wemoe.moe.unseen import DEFAULT_COMPONENTS
 
 
 def parse_moe_blocks(spec: str | Sequence[int] | None, depth: int) -> list[int]:
@@ -75,6 +76,7 @@ class MoESpec:
     coef_guard: str = DEFAULT_COEF_GUARD  # how coef_range is enforced: see wemoe.moe.block.COEF_GUARDS
     rest: bool = False  # norms, embeddings and the projection routed too (--experts all); needs a shared router
     unseen: str = "route"  # images of no merged task: routed anyway, or served with base / task-arithmetic coefficients
+    unseen_components: int = DEFAULT_COMPONENTS  # principal directions per task of the unseen-image detector
 
     def describe_routed(self) -> str:
         return ",".join(self.groups) + (" + norms, embeddings, projection" if self.rest else "")
@@ -99,7 +101,7 @@ class MoESpec:
             "coef_guard": self.coef_guard,
             "routing_order": [f"{b}.{g}" for b, g in self.routes()],
             **({"rest": True} if self.rest else {}),
-            **({"unseen": self.unseen} if self.unseen != "route" else {}),
+            **({"unseen": self.unseen, "unseen_components": self.unseen_components} if self.unseen != "route" else {}),
         }
 
     @classmethod
@@ -117,6 +119,7 @@ class MoESpec:
             coef_guard=moe.get("coef_guard", "clamp"),  # unrecorded: written when clamp was the only guard
             rest=bool(moe.get("rest", False)),
             unseen=str(moe.get("unseen", "route")),
+            unseen_components=int(moe.get("unseen_components", DEFAULT_COMPONENTS)),
         )
 
 

@@ -26,7 +26,7 @@ from wemoe.moe.block import COEF_GUARDS, DEFAULT_COEF_GUARD
 from wemoe.moe.experts import EXPERT_STORES
 from wemoe.moe.routers import ROUTERS, RouterCheck
 from wemoe.moe.spec import MoESpec, parse_groups, parse_moe_blocks, routes_rest
-from wemoe.moe.unseen import FALLBACKS, fit_unseen
+from wemoe.moe.unseen import DEFAULT_COMPONENTS, FALLBACKS, fit_unseen
 
 
 def parse_coef_range(spec: str | None) -> tuple[float, float] | None:
@@ -79,7 +79,10 @@ class WEMoE(MergeMethod):
             "route", "images of no merged task: route them anyway (route), or serve them the base or task-arithmetic weights", choices=FALLBACKS
         )
         unseen_keep: float = param(0.99, "--unseen: share of the merged tasks' held-back adaptation images the threshold keeps", low=0.5, high=1.0)
-        unseen_images: int = param(512, "--unseen: adaptation images per task it is fitted on (half for the distribution, half for the threshold)", low=4)
+        unseen_images: int = param(1024, "--unseen: adaptation images per task it is fitted on (half for the distribution, half for the threshold)", low=4)
+        unseen_components: int = param(
+            DEFAULT_COMPONENTS, "--unseen: principal directions kept per task's feature distribution (the rest is one variance)", low=1, high=4096
+        )
         objective: str = component(OBJECTIVES, "entropy", HELP["objective"])
         steps: int = param(1000, HELP["steps"], low=0)
         lr: float = param(1e-4, HELP["lr"], low=0.0, low_open=True)
@@ -100,6 +103,7 @@ class WEMoE(MergeMethod):
             coef_guard=p.coef_guard,
             rest=routes_rest(p.experts),
             unseen=p.unseen,
+            unseen_components=p.unseen_components,
         )
         if spec.rest and not spec.router.shared:
             routers = ", ".join(n for n, k in ROUTERS.items() if k.shared)
