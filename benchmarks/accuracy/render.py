@@ -187,15 +187,22 @@ def notes(report: dict) -> list[str]:
         out.append(
             "- † carried over from an earlier run (`--extended --only` reran the others): a row whose exact `wemoe merge` arguments an "
             f"earlier run recorded, measured on {' / '.join(carried)}; `python -m benchmarks.output_hashes --check "
-            "benchmarks/results/output_hashes.json` shows those arguments still write the same bytes. Their routing acc. is the "
-            "earlier definition (mean coefficients over the routed groups, on 200 test images per task)."
+            "benchmarks/results/output_hashes.json` shows those arguments still write the same bytes."
         )
+        earlier = [m for m in methods.values() if m.get("carried") and "routing_accuracy" in m and "predicted" not in m]
+        if earlier:
+            out.append(
+                "- Routing acc. of the carried rows measured before the routing confusion existed (no task-agnostic column) is the earlier "
+                "definition (mean coefficients over the routed groups, on 200 test images per task)."
+            )
     full_run = "the last full run, before the rows without † were rerun with `--only`; " if carried else ""
     out.append(f"- Run time: {report['seconds']} s ({full_run}`python -m benchmarks.accuracy{' --quick' if report['quick'] else ''}`).")
     if report.get("extended_seconds"):
         out.append(
             f"- Rows marked `--extended`: `python -m benchmarks.accuracy --extended` ({report['extended_seconds']} s; the main job's 20-minute budget has no room for them)."
         )
+    if report.get("only_seconds"):
+        out.append(f"- The last run (`--only {' '.join(report.get('only_rows', []))}`) took {report['only_seconds']} s.")
     return out
 
 

@@ -67,6 +67,14 @@ EXTENDED_WEMOE = {
         "recommended row with its router fitted on 256 images per task instead of all",
         ["--method", "wemoe", *ALL_16, *task_router(256), *ADAPT],
     ),
+    "wemoe-best-randomized-svd": (
+        "recommended row with its rank-16 factors from the randomized SVD (--expert-svd randomized)",
+        ["--method", "wemoe", *ALL_16, "--expert-svd", "randomized", *TASK_ROUTER, *ADAPT],
+    ),
+    "wemoe-best-int8": (
+        "recommended row with its factors from the randomized SVD stored in 8 bits (--expert-dtype int8)",
+        ["--method", "wemoe", *ALL_16, "--expert-svd", "randomized", "--expert-dtype", "int8", *TASK_ROUTER, *ADAPT],
+    ),
     "wemoe-block-routers": BLOCK_ROUTERS,
     "wemoe-straight-through": (
         "WEMoE paper row with the straight-through coefficient guard (gradient kept past a bound)",

@@ -208,7 +208,9 @@ def run(quick: bool, results_dir: Path, cache: Path | None, extended: bool, only
         "methods": methods,
         "quick": quick,
         "seconds": previous.get("seconds") if extended or only else round(time.perf_counter() - started, 1),
-        "extended_seconds": round(time.perf_counter() - started, 1) if extended else previous.get("extended_seconds"),
+        # a full --extended run's time; an --only run keeps it and says what its own rows took
+        "extended_seconds": round(time.perf_counter() - started, 1) if extended and not only else previous.get("extended_seconds"),
+        **({"only_seconds": round(time.perf_counter() - started, 1), "only_rows": list(only)} if only else {}),
         "zoo": json.loads((cache / "results.json").read_text()).get("recipe") if (cache / "results.json").exists() else None,
         "machine": machine_description(),
     }

@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--routed", default="mlp", help="wemoe --experts: mlp, attn, mlp,attn or all")
     ap.add_argument("--router", default="mlp", help="wemoe --router (task, exemplar: fitted on random images made here)")
     ap.add_argument("--expert-rank", default="full", help="wemoe --expert-rank: full or R")
+    ap.add_argument("--expert-svd", default="exact", help="wemoe --expert-svd (with --expert-rank R): exact or randomized")
+    ap.add_argument("--expert-dtype", default="float32", help="wemoe --expert-dtype (with --expert-rank R): float32 or int8")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--per-task", type=int, default=16)
     ap.add_argument("--naive-samples", type=int, default=2)
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     base, tasks = Path(paths["base"]), [Path(t) for t in paths["tasks"]]
     print("(a) merges", flush=True)
     wemoe_flags = ["--experts", args.routed, "--expert-rank", args.expert_rank, "--router", args.router]
+    if args.expert_rank != "full":
+        wemoe_flags += ["--expert-svd", args.expert_svd, "--expert-dtype", args.expert_dtype]
     if args.router in ("task", "exemplar"):  # routers fitted on images: random ones, with random heads (speed only)
         wemoe_flags += fitting_inputs(work, len(tasks), args.arch) + ["--router-images", "32", "--steps", "0"]
     merges = stage_merges(base, tasks, work, args.threads, wemoe_flags)
@@ -115,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
         "routed": args.routed,
         "router": args.router,
         "rank": args.expert_rank,
+        "expert_svd": args.expert_svd,
+        "expert_dtype": args.expert_dtype,
         "batch": args.batch,
         "threads": args.threads,
         "device": "cpu",
@@ -145,6 +151,10 @@ def main(argv: list[str] | None = None) -> None:
         stem += f"_{args.routed.replace(',', '+')}_r{args.expert_rank}"
     if args.router != "mlp":
         stem += f"_{args.router}"
+    if args.expert_rank != "full" and args.expert_svd != "exact":
+        stem += f"_{args.expert_svd}-svd"
+    if args.expert_rank != "full" and args.expert_dtype != "float32":
+        stem += f"_{args.expert_dtype}"
     stem += f"_{machine_tag(result['machine'])}"  # the same goal is judged on every CPU it was measured on
     md = report_md(result)
     (args.results / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -19,7 +19,10 @@ def goals_of(r: dict) -> dict:
 def config_label(r: dict) -> str:
     routed, rank, router = r.get("routed", "mlp"), r.get("rank", "full"), r.get("router", "mlp")
     experts = "" if (routed, rank) == ("mlp", "full") else f", {routed} experts{'' if rank == 'full' else f' rank {rank}'}"
-    return f"{r['arch']}, {r['experts']} experts, batch {r['batch']}{experts}" + (f", {router} router" if router != "mlp" else "")
+    store = "".join(
+        f", {v} {what}" for v, what, default in ((r.get("expert_svd"), "SVD", "exact"), (r.get("expert_dtype"), "factors", "float32")) if v and v != default
+    )
+    return f"{r['arch']}, {r['experts']} experts, batch {r['batch']}{experts}{store}" + (f", {router} router" if router != "mlp" else "")
 
 
 def report_md(r: dict) -> str:

@@ -27,6 +27,7 @@ from wemoe.io.safetensors_io import load_tensors
 from wemoe.io.sources import TensorSource
 from wemoe.model.heads import Head
 from wemoe.moe.block import COEF_GUARDS, GROUPS
+from wemoe.moe.experts.int8 import EXPERT_DTYPES
 from wemoe.moe.unseen import FALLBACKS
 from wemoe.outputs.layout import HEADS_FILE, MOE_SECTION
 from wemoe.schemes import get_scheme
@@ -107,6 +108,10 @@ def _check_moe_section(moe: Mapping[str, Any], depth: int, tasks: list[str], pat
             raise _bad(name, f"'{MOE_SECTION}.{key}' must be a mapping", path)
     if moe.get("rank") is not None and not _int(moe["rank"], 1, 1 << 16):
         raise _bad(name, f"'{MOE_SECTION}.rank' must be null or a positive integer", path)
+    if "unseen_components" in moe and not _int(moe["unseen_components"], 1, 4096):
+        raise _bad(name, f"'{MOE_SECTION}.unseen_components' must be an integer from 1 to 4096", path)
+    if moe.get("expert_dtype", "float32") not in EXPERT_DTYPES:
+        raise _bad(name, f"'{MOE_SECTION}.expert_dtype' must be one of {', '.join(EXPERT_DTYPES)}", path)
     coef = moe.get("coef_range")
     if coef is not None and (not isinstance(coef, list) or len(coef) != 2 or not all(_number(c) for c in coef) or coef[0] > coef[1]):
         raise _bad(name, f"'{MOE_SECTION}.coef_range' must be null or [low, high] with low <= high", path)

@@ -4,7 +4,8 @@ from wemoe.moe.experts.base import EXPERT_STORES, ExpertStore, ExpertStoreKind, 
 
 # importing a kind's module registers it; this order is the CLI's
 from wemoe.moe.experts.dense import Dense, DenseExperts  # isort: skip
-from wemoe.moe.experts.low_rank import LowRank, LowRankExperts, truncated_svd  # isort: skip
+from wemoe.moe.experts.low_rank import LowRank, LowRankExperts  # isort: skip
+from wemoe.moe.experts.svd import randomized_truncated_svd, truncated_svd
 
 
 def store_of_rank(rank: int | None) -> ExpertStoreKind:
@@ -23,5 +24,6 @@ __all__ = [
     "TaskVectors",
     "store_from_record",
     "store_of_rank",
+    "randomized_truncated_svd",
     "truncated_svd",
 ]

@@ -110,7 +110,9 @@ def store_from_record(moe: dict[str, Any]) -> ExpertStoreKind:
     if isinstance(stored, dict):
         return EXPERT_STORES.from_record(str(stored.get("kind")), stored.get("options"))
     rank = moe.get("rank")
-    return EXPERT_STORES.from_record("dense" if rank is None else "low-rank", None if rank is None else {"rank": str(rank)})
+    if rank is None:
+        return EXPERT_STORES.from_record("dense", None)
+    return EXPERT_STORES.from_record("low-rank", {"rank": str(rank), "dtype": moe.get("expert_dtype")})
 
 
 __all__ = ["EXPERT_STORES", "ExpertStore", "ExpertStoreKind", "TaskVectors", "store_from_record", "work_dtype"]

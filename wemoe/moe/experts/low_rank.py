@@ -11,7 +11,10 @@ import torch.nn.functional as F
 from wemoe.core.params import param
 from wemoe.errors import WemoeError
 from wemoe.moe.experts.base import EXPERT_STORES, ExpertStore, ExpertStoreKind, TaskVectors
+from wemoe.moe.experts.factored import low_rank_apply
+from wemoe.moe.experts.int8 import EXPERT_DTYPE_HELP, EXPERT_DTYPES, Int8LowRankExperts, quantize_rows
 from wemoe.moe.experts.rank import RANK_HELP, parse_rank
+from wemoe.moe.experts.svd import SVD_HELP, SVD_METHODS, randomized_truncated_svd, truncated_svd
 
 
 class LowRankExperts(ExpertStore):
@@ -33,34 +36,13 @@ class LowRankExperts(ExpertStore):
         self.register_buffer("bias", torch.empty(num_experts, out_features, dtype=dtype, device=device))
 
     def apply(self, x: torch.Tensor, coefs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        dtype = self.down.dtype
-        xc = x.to(dtype)
-        c = coefs.to(dtype)
-        B, N = x.shape[:2]
-        T, R = self.num_experts, self.rank
-        h = F.linear(xc, self.down.reshape(T * R, self.in_features)).view(B, N, T, R) * c[:, None, :, None]
-        # the expert biases ride along as T more columns (each token carries its sample's coefficients), so the
-        # whole correction is one addmm into the base output: no (B, N, out) temporaries, one pass over y
-        h = torch.cat([h.reshape(B * N, T * R), c.repeat_interleave(N, dim=0)], dim=1)  # (B*N, T*R + T)
-        up = torch.cat([self.up.reshape(T * R, self.out_features), self.bias], dim=0)  # (T*R + T, out)
-        y = F.linear(xc, weight, bias)
-        return y.view(B * N, self.out_features).addmm_(h, up).view(B, N, self.out_features)
+        return low_rank_apply(x, coefs, weight, bias, self.down, self.up, self.bias)
 
     def task_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.bmm(self.up.transpose(1, 2), self.down), self.bias
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, in={self.in_features}, out={self.out_features}, rank={self.rank}"
-
-
-def truncated_svd(dw: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``down`` (R, in), ``up`` (R, out) with ``up^T @ down`` the best rank-R approximation of ``dw`` (out, in),
-    and the fraction of ``dw``'s energy (squared Frobenius norm) they keep."""
-    u, s, vh = torch.linalg.svd(dw.double(), full_matrices=False)
-    total = float((s * s).sum())
-    kept = float((s[:rank] * s[:rank]).sum())
-    up = (u[:, :rank] * s[:rank]).t()
-    return vh[:rank].to(dw.dtype).contiguous(), up.to(dw.dtype).contiguous(), (kept / total if total > 0 else 1.0)
 
 
 def padded(factors: tuple[torch.Tensor, torch.Tensor], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,6 +60,8 @@ class LowRank(ExpertStoreKind):
     @dataclass(frozen=True)
     class Options:
         rank: str = param("full", RANK_HELP, key="expert_rank", check=parse_rank)
+        svd: str = param("exact", SVD_HELP, key="expert_svd", choices=SVD_METHODS)
+        dtype: str = param("float32", EXPERT_DTYPE_HELP, key="expert_dtype", choices=EXPERT_DTYPES)
 
     @property
     def rank(self) -> int:
@@ -92,17 +76,35 @@ class LowRank(ExpertStoreKind):
             raise WemoeError(f"--expert-rank {self.rank} is above the smaller side ({smallest}) of the routed matrices")
 
     def build(self, num_experts: int, in_features: int, out_features: int, device: torch.device | str | None = None) -> ExpertStore:
+        if self.options.dtype == "int8":
+            return Int8LowRankExperts(num_experts, in_features, out_features, self.rank, device=device)
         return LowRankExperts(num_experts, in_features, out_features, self.rank, device=device)
 
     def weight_buffers(self, vectors: TaskVectors, out_features: int, in_features: int) -> tuple[dict[str, torch.Tensor], Any]:
-        """Each task vector's rank-R truncated SVD; a LoRA adapter's own factors where their rank is at most R
-        (exact, no SVD: zero rows pad them to R)."""
-        downs, ups, kept = [], [], []
+        """Each task vector's rank-R truncated SVD (exact, or randomized over the layer's tasks at once); a LoRA
+        adapter's own factors where their rank is at most R (exact, no SVD: zero rows pad them to R); with
+        ``--expert-dtype int8`` the factors are then stored in 8 bits (the energy recorded is the SVD's)."""
+        buffers, kept = self._factors(vectors)
+        if self.options.dtype != "int8":
+            return buffers, kept
+        down_q, down_scale = quantize_rows(buffers["down"])
+        up_q, up_scale = quantize_rows(buffers["up"])
+        return {"down_q": down_q, "down_scale": down_scale, "up_q": up_q, "up_scale": up_scale}, kept
+
+    def _factors(self, vectors: TaskVectors) -> tuple[dict[str, torch.Tensor], list[float]]:
         given = getattr(vectors, "factors", lambda: None)() or []
+        own = [given[t] if t < len(given) and given[t] is not None and given[t][0].shape[0] <= self.rank else None for t in range(len(given))]
+        if self.options.svd == "randomized" and not any(f is not None for f in own):
+            down, up, kept = randomized_truncated_svd(vectors.stack(), self.rank)
+            return {"down": down, "up": up}, [round(f, 6) for f in kept]
+        downs, ups, kept = [], [], []
         for t, tau in enumerate(vectors):
-            own = given[t] if t < len(given) else None
-            if own is not None and own[0].shape[0] <= self.rank:
-                down, up, fraction = *padded(own, self.rank), 1.0
+            mine = own[t] if t < len(own) else None
+            if mine is not None:
+                down, up, fraction = *padded(mine, self.rank), 1.0
+            elif self.options.svd == "randomized":
+                d, u, f = randomized_truncated_svd(tau.float()[None], self.rank)
+                down, up, fraction = d[0], u[0], f[0]
             else:
                 down, up, fraction = truncated_svd(tau.float(), self.rank)
             downs.append(down)
@@ -111,10 +113,12 @@ class LowRank(ExpertStoreKind):
         return {"down": torch.stack(downs), "up": torch.stack(ups)}, kept
 
     def describe(self) -> str:
-        return f"rank {self.rank}"
+        return f"rank {self.rank}" + (", randomized SVD" if self.options.svd == "randomized" else "") + (", int8" if self.options.dtype == "int8" else "")
 
     def record(self) -> dict[str, Any]:
-        return {"rank": self.rank}
+        """``rank``; ``expert_svd`` and ``expert_dtype`` only where they are not the defaults (a loader needs the dtype)."""
+        extra = {"expert_svd": self.options.svd} if self.options.svd != "exact" else {}
+        return {"rank": self.rank, **extra, **({"expert_dtype": self.options.dtype} if self.options.dtype != "float32" else {})}
 
 
 __all__ = ["LowRank", "LowRankExperts", "padded", "truncated_svd"]
