@@ -69,6 +69,9 @@ def measure(zoo: Zoo, model_dir: Path, threads: int) -> dict:
     decode_s = time.perf_counter() - t0
     heads = {t: load_head(zoo.head(t)) for t in zoo.tasks}
     correct = 0
+    torch.set_num_threads(threads)  # as the eval ran with (a command may have changed it)
+    with torch.inference_mode():
+        model(next(iter(batches.values()))[0][0])  # warm-up, as eval's own first batch is part of its time
     t0 = time.perf_counter()
     with torch.inference_mode():
         for t, bs in batches.items():
