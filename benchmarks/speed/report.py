@@ -78,7 +78,13 @@ def shortfall_notes(r: dict) -> list[str]:
     notes = []
     q = r["ratios"]
     g = goals_of(r)
-    if q["forward_vs_plain"] > g["forward_vs_plain"] and g is LOW_RANK_GOALS:
+    if q["forward_vs_plain"] > g["forward_vs_plain"] and g is LOW_RANK_GOALS and r.get("router") in ("task", "exemplar"):
+        notes.append(
+            f"Forward above {g['forward_vs_plain']:g}x plain: a router computed once per image ({r['router']}) reads a first pass of "
+            "the whole ViT with the pretrained weights, one plain forward more, before the routed pass; the routed pass adds the "
+            "low-rank experts' T x R x (in + out) multiply-adds per token and routed linear."
+        )
+    elif q["forward_vs_plain"] > g["forward_vs_plain"] and g is LOW_RANK_GOALS:
         notes.append(
             f"Forward above {g['forward_vs_plain']:g}x plain: low-rank experts add T x R x (in + out) multiply-adds per token and "
             "routed linear (here about a fifth of each linear's), and every routed group's 2-layer router applies a width x width "
