@@ -58,7 +58,9 @@ def measure(zoo: Zoo, model_dir: Path, threads: int) -> dict:
         t0 = time.perf_counter()
         cli("eval", model_dir, "--task", *specs, "--json", report, "--quiet", "--batch-size", BATCH)
         eval_s = time.perf_counter() - t0
-        accuracy = {t: r["accuracy"] for t, r in json.loads(report.read_text()).items() if t in zoo.tasks}
+        evaluated = {t: r for t, r in json.loads(report.read_text()).items() if t in zoo.tasks}
+        accuracy = {t: r["accuracy"] for t, r in evaluated.items()}
+        eval_correct = sum(round(r["accuracy"] * r["n"]) for r in evaluated.values())
     model = wemoe.load(model_dir).eval()
     t0 = time.perf_counter()
     batches = {}
@@ -87,6 +89,7 @@ def measure(zoo: Zoo, model_dir: Path, threads: int) -> dict:
         "eval_images_per_second": round(images / eval_s, 1),
         "forward_images_per_second": round(images / forward_s, 1),
         "eval_accuracy": accuracy,
+        "eval_correct": eval_correct,
         "forward_correct": correct,
     }
 
@@ -128,9 +131,6 @@ def main(argv: list[str] | None = None) -> None:
     zoo = Zoo(cache, list(zoo_data.TASKS))
     model_dir = merged_model(zoo, lambda m: print(m, flush=True))
     result = {**measure(zoo, model_dir, args.threads), "threads": args.threads, "machine": machine_description()}
-    from wemoe.data import load_data
-
-    result["eval_correct"] = sum(round(a * len(load_data(zoo.data(t), "test"))) for t, a in result["eval_accuracy"].items())
     stem = f"eval_speed_{machine_tag(result['machine'])}"
     (args.results / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.results / f"{stem}.md").write_text(markdown(result))

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.common import REPO, RESULTS, SPEED_CACHE, machine_description, machine_tag
-from benchmarks.speed.measure import _gb, dir_size, measure
+from benchmarks.common import RESULTS, SPEED_CACHE, machine_description, machine_tag
+from benchmarks.speed.measure import _gb, dir_size, measure, stage_checkpoints
 
 TIME_GOAL = 3.0  # randomized low-rank merge / task-arithmetic merge
 RSS_GOAL = 1.2  # peak RSS / (output + one input)
@@ -37,15 +36,7 @@ def merge_runs(rank: int) -> dict[str, tuple[str, list[str]]]:
 
 def run(arch: str, experts: int, rank: int, threads: int, skip: set[str]) -> dict:
     work = SPEED_CACHE / f"{arch}-{experts}"
-    made = subprocess.run(
-        [sys.executable, "-m", "benchmarks.speed", "--stage", "checkpoints", "--arch", arch, "--experts", str(experts), "--model", str(work)],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    paths = json.loads(made.stdout.strip().splitlines()[-1])
-    base, tasks = Path(paths["base"]), [Path(t) for t in paths["tasks"]]
+    base, tasks = stage_checkpoints(arch, experts, work)
     rows = {}
     for key, (label, flags) in merge_runs(rank).items():
         if key in skip:

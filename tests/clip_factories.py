@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from factories import DEPTH, EMBED, HEADS, IMAGE, PATCH, WIDTH, hf_block_state, hf_config, hf_state_from_open_clip, perturbed, write
+from factories import DEPTH, EMBED, HEADS, IMAGE, PATCH, WIDTH, hf_block_state, hf_config, hf_state_from_open_clip, perturbed, write, zoo
 
 TEXT_WIDTH, TEXT_HEADS, TEXT_DEPTH, CONTEXT, VOCAB = 128, 2, 2, 77, 49408  # heads = width // 64, as every OpenAI-style CLIP
 META = {"heads": str(HEADS), "activation": "gelu"}  # what shapes cannot tell about the image tower
@@ -111,3 +111,11 @@ def visual_tasks(tmp, state, n):
     """Fine-tune-like image towers (open_clip layout, no text tower) of the CLIP's image tower."""
     visual = {k: v for k, v in state.items() if k.startswith("visual.")}
     return [write(tmp / f"task{i}.safetensors", perturbed(visual, seed=20 + i), META) for i in range(n)]
+
+
+def two_tasks_on_a_folder(tmp: Path) -> tuple[Path, list[Path], Path, dict[str, Path]]:
+    """A base, two fine-tune-like tasks, one tiny two-class image folder both tasks read, and a random head per task."""
+    base, tasks, _, _ = zoo(tmp, tasks=2)
+    data = image_folder(tmp / "data", ["a", "b"], per_class=2)
+    heads = {f"t{i}": write(tmp / "heads" / f"t{i}.safetensors", {"weight": torch.randn(2, 16)}) for i in range(2)}
+    return base, tasks, data, heads

@@ -7,19 +7,15 @@ import json
 import re
 
 import pytest
-import torch
 
 from cli_helpers import merge_cli, run_cli
-from clip_factories import image_folder
-from factories import write, zoo
+from clip_factories import two_tasks_on_a_folder
 
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("inspect")
-    base, tasks, _, _ = zoo(tmp, tasks=2)
-    data = image_folder(tmp / "data", ["a", "b"], per_class=2)
-    heads = {f"t{i}": write(tmp / "heads" / f"t{i}.safetensors", {"weight": torch.randn(2, 16)}) for i in range(2)}
+    base, tasks, data, heads = two_tasks_on_a_folder(tmp)
     return tmp, base, tasks, data, heads
 
 

@@ -7,15 +7,14 @@ import json
 import re
 
 import pytest
-import torch
 import yaml
 
 from wemoe.core.arch import KNOWN_ARCHS
 from wemoe.outputs.hub import hub_id, open_clip_name, timm_name
 
 from cli_helpers import merge_cli, run_cli
-from clip_factories import image_folder
-from factories import hf_config, hf_state_from_open_clip, open_clip_vit, perturbed, write, zoo
+from clip_factories import two_tasks_on_a_folder
+from factories import hf_config, hf_state_from_open_clip, open_clip_vit, perturbed, write
 
 
 def split_card(card: str) -> tuple[dict, str]:
@@ -39,9 +38,7 @@ def run_snippet(body: str, where, monkeypatch) -> dict:
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("card")
-    base, tasks, _, _ = zoo(tmp, tasks=2)
-    data = image_folder(tmp / "data", ["a", "b"], per_class=2)
-    heads = {f"t{i}": write(tmp / "heads" / f"t{i}.safetensors", {"weight": torch.randn(2, 16)}) for i in range(2)}
+    base, tasks, data, heads = two_tasks_on_a_folder(tmp)
     return tmp, base, tasks, data, heads
 
 

@@ -11,7 +11,7 @@ import wemoe
 from wemoe.cli import main as cli_main
 
 from cli_helpers import assert_one_line_error, merge_cli, run_cli
-from clip_factories import image_folder
+from clip_factories import two_tasks_on_a_folder
 from factories import HEADS, WIDTH, write, zoo
 
 
@@ -19,9 +19,7 @@ from factories import HEADS, WIDTH, write, zoo
 def moe(tmp_path_factory):
     """A small WEMoE output with heads, adapted for one step on a tiny image folder."""
     tmp = tmp_path_factory.mktemp("messages")
-    base, tasks, _, _ = zoo(tmp, tasks=2)
-    data = image_folder(tmp / "data", ["a", "b"], per_class=2)
-    heads = {f"t{i}": write(tmp / "heads" / f"t{i}.safetensors", {"weight": torch.randn(2, 16)}) for i in range(2)}
+    base, tasks, data, heads = two_tasks_on_a_folder(tmp)
     out = tmp / "moe"
     try:
         cli_main(

@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.common import REPO, RESULTS, SPEED_CACHE, machine_description, machine_tag
-from benchmarks.speed.measure import _gb, measure, run_child, stage_merges
+from benchmarks.common import RESULTS, SPEED_CACHE, machine_description, machine_tag
+from benchmarks.speed.measure import _gb, measure, run_child, stage_checkpoints, stage_merges
 from benchmarks.speed.report import GOALS, LOW_RANK_GOALS, config_label, goals_of, readme_summary, report_md, shortfall_notes, update_readme
 
 
@@ -86,17 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     tag = f"{args.arch}-{args.experts}"
     work = SPEED_CACHE / tag
     print(f"checkpoints: {work}", flush=True)
-    # In a child too: a forked child's ru_maxrss starts from its parent's RSS (and survives
-    # exec), so the parent must stay small for the children's peaks to be their own.
-    made = subprocess.run(
-        [sys.executable, "-m", "benchmarks.speed", "--stage", "checkpoints", "--arch", args.arch, "--experts", str(args.experts), "--model", str(work)],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    paths = json.loads(made.stdout.strip().splitlines()[-1])
-    base, tasks = Path(paths["base"]), [Path(t) for t in paths["tasks"]]
+    base, tasks = stage_checkpoints(args.arch, args.experts, work)
     print("(a) merges", flush=True)
     wemoe_flags = ["--experts", args.routed, "--expert-rank", args.expert_rank, "--router", args.router]
     if args.expert_rank != "full":

@@ -44,6 +44,23 @@ def measure(cmd: list[str]) -> tuple[float, int, str]:
     return time.perf_counter() - t0, usage.ru_maxrss * 1024, b"".join(out_chunks).decode()
 
 
+def stage_checkpoints(arch: str, experts: int, work: Path) -> tuple[Path, list[Path]]:
+    """The random-init base and task checkpoints under ``work`` (made once), by a child process.
+
+    In a child: a forked child's ru_maxrss starts from its parent's RSS (and survives exec), so
+    the parent must stay small for the measured children's peaks to be their own.
+    """
+    made = subprocess.run(
+        [sys.executable, "-m", "benchmarks.speed", "--stage", "checkpoints", "--arch", arch, "--experts", str(experts), "--model", str(work)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    paths = json.loads(made.stdout.strip().splitlines()[-1])
+    return Path(paths["base"]), [Path(t) for t in paths["tasks"]]
+
+
 def stage_merges(base: Path, tasks: list[Path], work: Path, threads: int, wemoe_flags: list[str]) -> dict:
     res = {}
     for method in ("task-arithmetic", "wemoe"):

@@ -93,8 +93,8 @@ class LowRank(ExpertStoreKind):
 
     def _factors(self, vectors: TaskVectors) -> tuple[dict[str, torch.Tensor], list[float]]:
         given = getattr(vectors, "factors", lambda: None)() or []
-        own = [given[t] if t < len(given) and given[t] is not None and given[t][0].shape[0] <= self.rank else None for t in range(len(given))]
-        if self.options.svd == "randomized" and not any(f is not None for f in own):
+        own = [f if f is not None and f[0].shape[0] <= self.rank else None for f in given]  # per task, or empty
+        if self.options.svd == "randomized" and all(f is None for f in own):
             down, up, kept = randomized_truncated_svd(vectors.stack(), self.rank)
             return {"down": down, "up": up}, [round(f, 6) for f in kept]
         downs, ups, kept = [], [], []
