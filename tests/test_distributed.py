@@ -201,8 +201,15 @@ def _ranks(agent: int, timeout: float = 60.0) -> dict[int, int]:
     while time.monotonic() < deadline:
         found = {}
         for task in Path(f"/proc/{agent}/task").iterdir():
-            for pid in (task / "children").read_text().split():
-                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:  # the agent's thread ended meanwhile
+                continue
+            for pid in children:
+                try:
+                    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                except OSError:  # a short-lived child (not a worker) exited between the listing and the read
+                    continue
                 rank = next((int(e.split(b"=")[1]) for e in env if e.startswith(b"LOCAL_RANK=")), None)
                 if rank is not None:
                     found[rank] = int(pid)
