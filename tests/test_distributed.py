@@ -326,3 +326,25 @@ def test_agreement_reports_the_first_failure_once(monkeypatch):
         distributed.World(0, 2).agree(lambda: (_ for _ in ()).throw(WemoeError("truncated", path="base.pt")))
     gathered([None, None])
     assert distributed.World(1, 2).agree(lambda: 42) == 42
+
+
+def test_failed_rank_group_exits_without_teardown(monkeypatch, capsys):
+    """After a failed multi-rank session the CLI leaves by os._exit with its exit code (a gloo group whose
+    peer died can abort in its exit-time destructors, printing a second line); a plain run exits normally."""
+    from wemoe import cli
+
+    hard_exits: list[int] = []
+
+    def fake_exit(code: int) -> None:
+        hard_exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    with pytest.raises(SystemExit) as plain:
+        cli.main(["merge", "--no-such-option"])
+    assert plain.value.code == 2 and hard_exits == []
+    monkeypatch.setattr(distributed, "_SESSION_FAILED", True)
+    with pytest.raises(SystemExit) as failed:
+        cli.main(["merge", "--no-such-option"])
+    assert failed.value.code == 2 and hard_exits == [2]
+    assert capsys.readouterr().err.count("wemoe: error:") == 2

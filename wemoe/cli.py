@@ -242,6 +242,35 @@ def _later_rank() -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        _main(argv)
+    except SystemExit as exc:
+        if _left_a_failed_rank_group():
+            _exit_without_teardown(exc.code)
+        raise
+
+
+def _left_a_failed_rank_group() -> bool:
+    """Whether this process ends a torchrun run that failed (its own error, or a lost peer)."""
+    distributed = sys.modules.get("wemoe.adaptation.distributed")  # never imported (nor torch) by a plain run's exit
+    return distributed is not None and distributed.session_failed()
+
+
+def _exit_without_teardown(code: object) -> None:
+    """Exit once the one-line error is out, skipping C++ teardown.
+
+    A process-group backend whose peer died can abort in its exit-time destructors
+    ("terminate called without an active exception", exit 134) after the error was
+    printed; temporary outputs were already removed while the error unwound.
+    """
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 1)
+
+
+def _main(argv: list[str] | None) -> None:
     return_freed_memory_to_os()
     args = expand_greedy(list(sys.argv[1:] if argv is None else argv), GREEDY_OPTIONS)
     debug = "--debug" in args

@@ -208,10 +208,22 @@ def session(device_spec: str = "auto") -> Iterator[World]:
         # every rank reaches here before any tears down: a rank whose peer has already
         # destroyed the group can abort at exit ("terminate called without an active exception")
         _collective(dist.barrier, world, "finishing")
+    except BaseException:
+        global _SESSION_FAILED
+        _SESSION_FAILED = True
+        raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         dist.destroy_process_group()
+
+
+_SESSION_FAILED = False
+
+
+def session_failed() -> bool:
+    """Whether a multi-rank :func:`session` of this process ended by an error (the CLI then exits without C++ teardown)."""
+    return _SESSION_FAILED
 
 
 def _main_thread() -> bool:
