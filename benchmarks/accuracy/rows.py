@@ -75,6 +75,10 @@ EXTENDED_WEMOE = {
         "recommended row with its factors from the randomized SVD stored in 8 bits (--expert-dtype int8)",
         ["--method", "wemoe", *ALL_16, "--expert-svd", "randomized", "--expert-dtype", "int8", *TASK_ROUTER, *ADAPT],
     ),
+    "wemoe-best-small-int8": (
+        "recommended row with int8 factors from the randomized SVD, the patch embedding and projection compressed too (--small-experts compressed)",
+        ["--method", "wemoe", *ALL_16, "--expert-svd", "randomized", "--expert-dtype", "int8", "--small-experts", "compressed", *TASK_ROUTER, *ADAPT],
+    ),
     "wemoe-block-routers": BLOCK_ROUTERS,
     "wemoe-straight-through": (
         "WEMoE paper row with the straight-through coefficient guard (gradient kept past a bound)",

@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--expert-rank", default="full", help="wemoe --expert-rank: full or R")
     ap.add_argument("--expert-svd", default="exact", help="wemoe --expert-svd (with --expert-rank R): exact or randomized")
     ap.add_argument("--expert-dtype", default="float32", help="wemoe --expert-dtype (with --expert-rank R): float32 or int8")
+    ap.add_argument("--small-experts", default="whole", help="wemoe --small-experts (with --routed all and --expert-rank R): whole or compressed")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--per-task", type=int, default=16)
     ap.add_argument("--naive-samples", type=int, default=2)
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     wemoe_flags = ["--experts", args.routed, "--expert-rank", args.expert_rank, "--router", args.router]
     if args.expert_rank != "full":
         wemoe_flags += ["--expert-svd", args.expert_svd, "--expert-dtype", args.expert_dtype]
+        if args.small_experts != "whole":
+            wemoe_flags += ["--small-experts", args.small_experts]
     if args.router in ("task", "exemplar"):  # routers fitted on images: random ones, with random heads (speed only)
         wemoe_flags += fitting_inputs(work, len(tasks), args.arch) + ["--router-images", "32", "--steps", "0"]
     merges = stage_merges(base, tasks, work, args.threads, wemoe_flags)
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         "rank": args.expert_rank,
         "expert_svd": args.expert_svd,
         "expert_dtype": args.expert_dtype,
+        "small_experts": args.small_experts,
         "batch": args.batch,
         "threads": args.threads,
         "device": "cpu",
@@ -144,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
         stem += f"_{args.expert_svd}-svd"
     if args.expert_rank != "full" and args.expert_dtype != "float32":
         stem += f"_{args.expert_dtype}"
+    if args.expert_rank != "full" and args.small_experts != "whole":
+        stem += f"_small-{args.small_experts}"
     stem += f"_{machine_tag(result['machine'])}"  # the same goal is judged on every CPU it was measured on
     md = report_md(result)
     (args.results / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")

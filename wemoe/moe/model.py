@@ -54,13 +54,13 @@ class WEMoEModel(VisionTransformer):
 
         super().__init__(arch, head_bias=head_bias, block_fn=block_fn)
         if spec.rest:  # the stem and the embedding are routed too: their pretrained tensors plus task vectors
-            self.patch_embed.proj = RoutedPatchEmbedding(arch.width, arch.patch_size, T, arch.patch_bias)
+            self.patch_embed.proj = RoutedPatchEmbedding(arch.width, arch.patch_size, T, arch.patch_bias, spec.small_store)
             self.embed_experts = EmbeddingExperts(T, arch.num_tokens, arch.width)
             if arch.pre_norm:
                 self.norm_pre = RoutedLayerNorm(arch.width, T, arch.layer_norm_eps)
             self.norm = RoutedLayerNorm(arch.width, T, arch.layer_norm_eps)
             if arch.embed_dim is not None:
-                self.head = RoutedLinearSmall(arch.width, arch.embed_dim, T, head_bias)
+                self.head = RoutedLinearSmall(arch.width, arch.embed_dim, T, head_bias, spec.small_store)
         self.task_names = list(task_names)
         self.spec = spec
         # a router computed once per image (from a pass with the pretrained routed weights) drives every routed group

@@ -6,6 +6,11 @@ coefficients give each fine-tuned model exactly and zero coefficients the pretra
 Called without coefficients, each module is its pretrained self (the pass a shared router
 reads). Each keeps its pretrained tensors under the usual names and their task vectors
 under ``experts.``, so a plain checkpoint is one merge away (:meth:`merged`).
+
+The two matrices among them (the patch embedding, a linear map of each patch's pixels,
+and the projection) can instead be kept by the blocks' expert store
+(``--small-experts compressed``: rank-R factors, int8 if asked): at ViT-B/32 their whole
+task vectors are most of what ``--experts all`` adds to a file.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from wemoe.moe.experts import ExpertStore, ExpertStoreKind
 
 
 class TaskVectorStack(nn.Module):
@@ -60,7 +67,7 @@ class RoutedLayerNorm(nn.Module):
 class RoutedLinearSmall(nn.Module):
     """A linear layer on (B, in) rows (the projection), merged per sample: x W0^T + b0 + sum_t c_bt (x dW_t^T + db_t)."""
 
-    def __init__(self, in_features: int, out_features: int, num_experts: int, bias: bool):
+    def __init__(self, in_features: int, out_features: int, num_experts: int, bias: bool, store: ExpertStoreKind | None = None):
         super().__init__()
         self.in_features, self.out_features, self.has_bias = int(in_features), int(out_features), bool(bias)
         self.register_buffer("weight", torch.empty(out_features, in_features))
@@ -68,10 +75,13 @@ class RoutedLinearSmall(nn.Module):
         if bias:
             self.register_buffer("bias", torch.empty(out_features))
             shapes["bias"] = (out_features,)
-        self.experts = TaskVectorStack(num_experts, shapes)
+        stack = TaskVectorStack(num_experts, shapes) if store is None else None
+        self.experts: TaskVectorStack | ExpertStore = stack or store.build(num_experts, in_features, out_features)
 
     def forward(self, x: torch.Tensor, coefs: torch.Tensor | None = None) -> torch.Tensor:
         bias = self.bias if self.has_bias else None
+        if coefs is not None and isinstance(self.experts, ExpertStore):  # its expert bias is zero where the layer has none
+            return self.experts.apply(x[:, None], coefs, self.weight.to(x.dtype), None if bias is None else bias.to(x.dtype))[:, 0]
         y = F.linear(x, self.weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
         if coefs is None:
             return y
@@ -81,16 +91,28 @@ class RoutedLinearSmall(nn.Module):
 
     @torch.no_grad()
     def merged(self, coefs: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = {"weight": _merged(self.weight, self.experts, "weight", coefs)}
-        if self.has_bias:
-            out["bias"] = _merged(self.bias, self.experts, "bias", coefs)
+        return _merged_matrix(self, coefs)
+
+
+def _merged_matrix(module: RoutedLinearSmall | RoutedPatchEmbedding, coefs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The plain weight (and bias) of a routed matrix for one coefficient vector, from whole or stored task vectors."""
+    experts = module.experts
+    if isinstance(experts, TaskVectorStack):
+        out = {"weight": _merged(module.weight, experts, "weight", coefs)}
+        if module.has_bias:
+            out["bias"] = _merged(module.bias, experts, "bias", coefs)
         return out
+    dw, db = experts.delta(torch.as_tensor(coefs))
+    out = {"weight": (module.weight.float() + dw.float().view(module.weight.shape)).to(module.weight.dtype)}
+    if module.has_bias:
+        out["bias"] = (module.bias.float() + db.float()).to(module.bias.dtype)
+    return out
 
 
 class RoutedPatchEmbedding(nn.Module):
     """The patchifying convolution, merged per sample: conv(x, W0) + sum_t c_bt conv(x, dW_t) (+ biases)."""
 
-    def __init__(self, width: int, patch: int, num_experts: int, bias: bool):
+    def __init__(self, width: int, patch: int, num_experts: int, bias: bool, store: ExpertStoreKind | None = None):
         super().__init__()
         self.width, self.patch, self.has_bias = int(width), int(patch), bool(bias)
         self.register_buffer("weight", torch.empty(width, 3, patch, patch))
@@ -98,11 +120,18 @@ class RoutedPatchEmbedding(nn.Module):
         if bias:
             self.register_buffer("bias", torch.empty(width))
             shapes["bias"] = (width,)
-        self.experts = TaskVectorStack(num_experts, shapes)
+        # stored: the convolution as the linear map of each patch's 3 * patch * patch pixels (unfold's order is the weight's)
+        stack = TaskVectorStack(num_experts, shapes) if store is None else None
+        self.experts: TaskVectorStack | ExpertStore = stack or store.build(num_experts, 3 * patch * patch, width)
 
     def forward(self, images: torch.Tensor, coefs: torch.Tensor | None = None) -> torch.Tensor:
         dtype = images.dtype
         bias = self.bias.to(dtype) if self.has_bias else None
+        if coefs is not None and isinstance(self.experts, ExpertStore):
+            patches = F.unfold(images, self.patch, stride=self.patch).transpose(1, 2)  # (B, h*w, 3*p*p)
+            y = self.experts.apply(patches, coefs, self.weight.reshape(self.width, -1).to(dtype), bias)  # (B, h*w, D)
+            h, w = images.shape[-2] // self.patch, images.shape[-1] // self.patch
+            return y.transpose(1, 2).reshape(images.shape[0], self.width, h, w)
         y = F.conv2d(images, self.weight.to(dtype), bias, stride=self.patch)
         if coefs is None:
             return y
@@ -115,10 +144,7 @@ class RoutedPatchEmbedding(nn.Module):
 
     @torch.no_grad()
     def merged(self, coefs: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = {"weight": _merged(self.weight, self.experts, "weight", coefs)}
-        if self.has_bias:
-            out["bias"] = _merged(self.bias, self.experts, "bias", coefs)
-        return out
+        return _merged_matrix(self, coefs)
 
 
 class EmbeddingExperts(TaskVectorStack):

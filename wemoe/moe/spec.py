@@ -44,6 +44,7 @@ def parse_moe_blocks(spec: str | Sequence[int] | None, depth: int) -> list[int]:
     return blocks
 
 
+SMALL_EXPERTS = ("whole", "compressed")  # --small-experts
 ALL = "all"  # --experts all: attention, MLP and every other weight (norms, embeddings, projection)
 
 
@@ -77,9 +78,16 @@ class MoESpec:
     rest: bool = False  # norms, embeddings and the projection routed too (--experts all); needs a shared router
     unseen: str = "route"  # images of no merged task: routed anyway, or served with base / task-arithmetic coefficients
     unseen_components: int = DEFAULT_COMPONENTS  # principal directions per task of the unseen-image detector
+    small_experts: str = "whole"  # with rest: the patch embedding's and projection's task vectors whole, or "compressed" by the store
+
+    @property
+    def small_store(self) -> ExpertStoreKind | None:
+        """The store that keeps the patch embedding's and projection's task vectors (None: whole)."""
+        return self.store if self.rest and self.small_experts == "compressed" else None
 
     def describe_routed(self) -> str:
-        return ",".join(self.groups) + (" + norms, embeddings, projection" if self.rest else "")
+        small = " (patch embedding and projection compressed)" if self.small_store is not None else ""
+        return ",".join(self.groups) + (f" + norms, embeddings, projection{small}" if self.rest else "")
 
     def routes(self) -> list[tuple[int, str]]:
         """(block, group) of every routing entry, in the order ``model.routing`` returns them."""
@@ -101,6 +109,7 @@ class MoESpec:
             "coef_guard": self.coef_guard,
             "routing_order": [f"{b}.{g}" for b, g in self.routes()],
             **({"rest": True} if self.rest else {}),
+            **({"small_experts": self.small_experts} if self.small_experts != "whole" else {}),
             **({"unseen": self.unseen, "unseen_components": self.unseen_components} if self.unseen != "route" else {}),
         }
 
@@ -120,7 +129,8 @@ class MoESpec:
             rest=bool(moe.get("rest", False)),
             unseen=str(moe.get("unseen", "route")),
             unseen_components=int(moe.get("unseen_components", DEFAULT_COMPONENTS)),
+            small_experts=str(moe.get("small_experts", "whole")),
         )
 
 
-__all__ = ["ALL", "MoESpec", "parse_groups", "parse_moe_blocks", "routes_rest"]
+__all__ = ["ALL", "SMALL_EXPERTS", "MoESpec", "parse_groups", "parse_moe_blocks", "routes_rest"]

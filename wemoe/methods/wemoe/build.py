@@ -11,6 +11,7 @@ output bias lambda and zero weights the model equals the task-arithmetic merge
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
 import torch
 from tqdm import tqdm
@@ -53,11 +54,33 @@ def whole_expert_keys(spec: MoESpec, keys: list[str]) -> dict[str, str]:
     return out
 
 
+SMALL_MATRICES = ("patch_embed.proj", "head")  # the matrices --small-experts compressed keeps in the store
+
+
+class FlatTaskVectors:
+    """Task vectors of a tensor offered as (out, in) matrices: the patch embedding's (D, 3, p, p) as (D, 3 * p * p)."""
+
+    def __init__(self, vectors: TaskVectorsOf, out_features: int):
+        self.vectors, self.out_features = vectors, out_features
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (tau.reshape(self.out_features, -1) for tau in self.vectors)
+
+    def stack(self, transposed: bool = False) -> torch.Tensor:
+        stacked = self.vectors.stack()
+        flat = stacked.reshape(stacked.shape[0], self.out_features, -1)
+        return flat if not transposed else flat.transpose(1, 2).contiguous().transpose(1, 2)
+
+    def factors(self) -> list[None]:
+        return [None for _ in self.vectors.inputs.tasks]  # adapters carry no factors of these (their matrices are whole)
+
+
 def build_wemoe(inputs: MergeInputs, spec: MoESpec, seed: int = 0, progress: bool = True) -> tuple[WEMoEModel, dict[str, list[float]]]:
     """The model, and what the expert store keeps of each routed weight's task vectors, by linear path
     (low-rank experts: the fraction of each task vector's energy kept; empty for dense experts)."""
     arch = inputs.base.arch
     routed = routed_keys(spec)
+    small = {f"{path}.weight": path for path in SMALL_MATRICES} if spec.small_store is not None else {}
     whole = whole_expert_keys(spec, inputs.base.keys())
     state: dict[str, torch.Tensor] = {}
     energy: dict[str, list[float]] = {}
@@ -65,6 +88,13 @@ def build_wemoe(inputs: MergeInputs, spec: MoESpec, seed: int = 0, progress: boo
         base = base_tensor(inputs, key)
         if not base.is_floating_point():
             state[key] = base
+        elif key in small:  # the patch embedding's or projection's weight, kept by the store (--small-experts compressed)
+            state[key] = base.float()
+            out_features = base.shape[0]
+            buffers, kept = spec.store.weight_buffers(FlatTaskVectors(TaskVectorsOf(inputs, key, base), out_features), out_features, base[0].numel())
+            state.update({f"{small[key]}.experts.{name}": tensor for name, tensor in buffers.items()})
+            if kept is not None:
+                energy[small[key]] = kept
         elif key in whole:  # kept as the pretrained tensor plus whole task vectors
             state[key] = base.float()
             state[whole[key]] = stacked_task_vectors(inputs, key, base).float()
@@ -79,6 +109,9 @@ def build_wemoe(inputs: MergeInputs, spec: MoESpec, seed: int = 0, progress: boo
             state.update({f"{routed[key]}.experts.{name}": tensor for name, tensor in buffers.items()})
             if kept is not None:
                 energy[routed[key]] = kept
+    for path in small.values():  # a bias-less patch embedding or projection: its store's expert biases are zero
+        if f"{path}.weight" in state and f"{path}.experts.bias" not in state:
+            state[f"{path}.experts.bias"] = torch.zeros(len(inputs.task_names), state[f"{path}.weight"].shape[0])
     # on the meta device: every tensor is then assigned from ``state`` (no second copy)
     with torch.device("meta"):
         model = WEMoEModel(arch, inputs.task_names, spec, head_bias="head.bias" in state)

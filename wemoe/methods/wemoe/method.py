@@ -17,6 +17,7 @@ import torch
 
 from wemoe.adaptation.data import HELP, AdaptationData, adaptation_record, data_plan, load_adaptation_data
 from wemoe.adaptation.objectives import OBJECTIVES, Objective
+from wemoe.core.arch import ViTArch
 from wemoe.core.params import component, param
 from wemoe.errors import UsageError, WemoeError
 from wemoe.methods.registry import MergeMethod, MethodContext, MethodResult, register
@@ -25,7 +26,7 @@ from wemoe.methods.wemoe.build import build_wemoe
 from wemoe.moe.block import COEF_GUARDS, DEFAULT_COEF_GUARD
 from wemoe.moe.experts import EXPERT_STORES
 from wemoe.moe.routers import ROUTERS, RouterCheck
-from wemoe.moe.spec import MoESpec, parse_groups, parse_moe_blocks, routes_rest
+from wemoe.moe.spec import SMALL_EXPERTS, MoESpec, parse_groups, parse_moe_blocks, routes_rest
 from wemoe.moe.unseen import DEFAULT_COMPONENTS, FALLBACKS, fit_unseen
 
 
@@ -39,6 +40,19 @@ def parse_coef_range(spec: str | None) -> tuple[float, float] | None:
     if not lo < hi:
         raise WemoeError(f"--coef-range needs LO < HI, got '{spec}'")
     return lo, hi
+
+
+def _check_small_experts(spec: MoESpec, arch: ViTArch) -> None:
+    """``--small-experts compressed`` needs ``--experts all`` and factors that fit the patch embedding and the projection."""
+    if not spec.rest:
+        raise UsageError("--small-experts compressed applies to the patch embedding and projection that --experts all routes: add --experts all")
+    rank = getattr(spec.store, "rank", None)
+    if spec.store.name != "low-rank" or rank is None:
+        raise UsageError("--small-experts compressed keeps them as the blocks' experts are kept: give --expert-rank R")
+    sides = {"patch embedding": min(arch.width, 3 * arch.patch_size**2), **({"projection": min(arch.width, arch.embed_dim)} if arch.embed_dim else {})}
+    for what, side in sides.items():
+        if rank > side:
+            raise UsageError(f"--small-experts compressed: --expert-rank {rank} is above the {what}'s smaller side ({side})")
 
 
 def _check_blocks(spec: str) -> None:
@@ -72,6 +86,12 @@ class WEMoE(MergeMethod):
             "how routed task vectors are kept: auto (dense for --expert-rank full, else low-rank), dense, low-rank",
             extra_choices=("auto",),
         )
+        small_experts: str = param(
+            "whole",
+            "--experts all: keep the patch embedding's and the projection's task vectors whole, or compressed as the blocks' are "
+            "(--expert-rank R, --expert-dtype)",
+            choices=SMALL_EXPERTS,
+        )
         router: str = component(ROUTERS, "mlp", "router kind: per group mlp (the paper's), linear, constant, prototype, subspace; per image task, exemplar")
         coef_range: str = param("0,1", "keep routing coefficients in LO,HI, or none (guards against entropy collapse)", check=parse_coef_range)
         coef_guard: str = param(DEFAULT_COEF_GUARD, "how --coef-range is kept: clamp, or straight-through (gradient passes)", choices=COEF_GUARDS)
@@ -104,7 +124,10 @@ class WEMoE(MergeMethod):
             rest=routes_rest(p.experts),
             unseen=p.unseen,
             unseen_components=p.unseen_components,
+            small_experts=p.small_experts,
         )
+        if spec.small_experts == "compressed":
+            _check_small_experts(spec, arch)
         if spec.rest and not spec.router.shared:
             routers = ", ".join(n for n, k in ROUTERS.items() if k.shared)
             raise UsageError(f"--experts all routes the embeddings too, before any block: it needs a router computed once per image (--router {routers})")
