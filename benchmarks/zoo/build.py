@@ -151,7 +151,7 @@ def build(
     results: dict[str, Any] = {"quick": quick, "recipe": rec, "tasks": {}}
     pending: list[dict[str, Any]] = []
     datas: dict[str, datasets.Split] = {}
-    for ti, task in enumerate(tqdm(tasks, desc="zoo data and heads")):
+    for task in tqdm(tasks, desc="zoo data and heads"):
         h = hashes(rec, base_digest, task)
         data = datas[task] = load_data(task, cache, rec, h["data"])
         classes = [str(c) for c in data["classes"]]
@@ -170,7 +170,8 @@ def build(
                     "data": os.path.join(cache, "data", f"{task}.npz"),
                     "cfg": rec["finetune"],
                     "replay": replay_path,
-                    "seed": rec["seed"] * 100 + ti,
+                    # the task's place in ALL_TASKS (the main eight's in TASKS), whatever --tasks lists
+                    "seed": rec["seed"] * 100 + datasets.ALL_TASKS.index(task),
                     "out": task_path,
                     "arch": arch,
                     "hash": h["ft"],
@@ -213,15 +214,19 @@ def main(argv: list[str] | None = None) -> None:
     b = sub.add_parser("build", help="build data, heads and fine-tuned task models")
     b.add_argument("--quick", action="store_true", help="tiny sizes for CI (a few minutes)")
     b.add_argument("--cache", default=None, help=f"cache dir (default {DEFAULT_CACHE}, or {QUICK_CACHE} with --quick)")
-    b.add_argument("--tasks", default=",".join(datasets.TASKS), help="comma-separated subset of tasks")
+    b.add_argument("--tasks", default=",".join(datasets.TASKS), help="comma-separated tasks of datasets.ALL_TASKS (default: the main eight)")
     b.add_argument("--base", default=BASE_PATH, help="base checkpoint (default: the committed one)")
     b.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="CPU cores to use (default 2)")
     b.add_argument("--jobs", type=int, default=None, help="parallel single-threaded fine-tunes (default: --threads)")
     b.add_argument("--refinetune", action="store_true", help="fine-tune the task models here instead of copying the committed ones")
     args = ap.parse_args(argv)
     requirements.ensure()
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    unknown = [t for t in tasks if t not in datasets.ALL_TASKS]
+    if unknown:
+        ap.error(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(datasets.ALL_TASKS)}")
     cache = args.cache or (QUICK_CACHE if args.quick else DEFAULT_CACHE)
-    build(cache, args.quick, tuple(t for t in args.tasks.split(",") if t), args.base, args.threads, args.jobs, args.refinetune)
+    build(cache, args.quick, tasks, args.base, args.threads, args.jobs, args.refinetune)
 
 
 __all__ = ["build", "main", "load_state"]

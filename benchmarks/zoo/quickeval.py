@@ -64,9 +64,9 @@ class BuiltZoo:
         return float((out.argmax(1) == torch.as_tensor(y)).float().mean()), float(entropy(out))
 
 
-def require_built(cache: str) -> None:
-    """One-line refusal (SystemExit) when the zoo at ``cache`` has not been built."""
-    missing = [t for t in datasets.TASKS if not os.path.exists(os.path.join(cache, "tasks", f"{t}.safetensors"))]
+def require_built(cache: str, tasks: tuple[str, ...] = datasets.TASKS) -> None:
+    """One-line refusal (SystemExit) when the zoo at ``cache`` has not been built (for ``tasks``)."""
+    missing = [t for t in tasks if not os.path.exists(os.path.join(cache, "tasks", f"{t}.safetensors"))]
     if missing:
         raise SystemExit(f"error: no built zoo at {cache} (missing {', '.join(missing)}): run `python -m benchmarks.zoo build` first")
 
