@@ -20,11 +20,13 @@ def config_label(r: dict) -> str:
     routed, rank, router = r.get("routed", "mlp"), r.get("rank", "full"), r.get("router", "mlp")
     experts = "" if (routed, rank) == ("mlp", "full") else f", {routed} experts{'' if rank == 'full' else f' rank {rank}'}"
     store = "".join(
-        f", {v} {what}" for v, what, default in (
+        f", {v} {what}"
+        for v, what, default in (
             (r.get("expert_svd"), "SVD", "exact"),
             (r.get("expert_dtype"), "factors", "float32"),
             (r.get("small_experts"), "patch-embedding and projection experts", "whole"),
-        ) if v and v != default
+        )
+        if v and v != default
     )
     return f"{r['arch']}, {r['experts']} experts, batch {r['batch']}{experts}{store}" + (f", {router} router" if router != "mlp" else "")
 
