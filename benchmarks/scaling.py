@@ -100,7 +100,30 @@ def adaptation_per_step(out: Path) -> float | None:
     return round(adapt / steps, 3) if steps and adapt else None
 
 
-def run(counts: tuple[int, ...], methods: list[str], log: Callable[[str], None], work_root: Path | None = None) -> dict:
+def method_flags(method: str) -> list[str] | None:
+    """A method's flags as recorded (None: lambda chosen on the grid): what a carried row must match."""
+    flags = METHODS[method][1]
+    return None if flags is None else [str(f) for f in flags]
+
+
+def carried(previous: dict | None, n: int, method: str, tasks: list[str]) -> dict | None:
+    """A row of an earlier run for the same tasks and method flags, kept as it was measured."""
+    for r in (previous or {}).get("rows", []):
+        if r["n_tasks"] == n and r["method"] == method and r["tasks"] == tasks and r.get("flags", "missing") == method_flags(method):
+            return {**r, "carried": True}
+    return None
+
+
+def run(
+    counts: tuple[int, ...],
+    methods: list[str],
+    log: Callable[[str], None],
+    work_root: Path | None = None,
+    previous: dict | None = None,
+    on_row: Callable[[dict], None] | None = None,
+) -> dict:
+    """Measure every (count, method) not in ``previous`` (rows of an earlier run, carried over when their tasks
+    and flags match); ``on_row`` gets the report after each row, so a stopped run keeps what it measured."""
     from benchmarks.zoo import build as zoo_build
     from benchmarks.zoo import datasets as zoo_data
 
@@ -112,20 +135,36 @@ def run(counts: tuple[int, ...], methods: list[str], log: Callable[[str], None],
     log(f"[1/3] zoo: {len(tasks_all[: max(counts)])} tasks in {cache}")
     zoo_build.build(str(cache), tasks=tuple(tasks_all[: max(counts)]))
     plain_size = (cache / "base.safetensors").stat().st_size
+    machine = machine_description()
     work = Path(tempfile.mkdtemp(prefix="wemoe-scaling-", dir=work_root))
-    rows: list[dict] = []
+    report = {
+        "rows": [],
+        "counts": list(counts),
+        "methods": methods,
+        "plain_checkpoint_bytes": plain_size,
+        "seconds": None,
+        "machine": machine,
+    }
+    rows: list[dict] = report["rows"]
     try:
         log("[2/3] individual models")
         full = Zoo(cache, tasks_all[: max(counts)])
-        individual = {t: evaluate(full.ckpt(t), full, [t], work)[t] for t in full.tasks}
+        individual = report["individual_per_task"] = {t: evaluate(full.ckpt(t), full, [t], work)[t] for t in full.tasks}
         with np.load(full.data(full.tasks[0]), allow_pickle=False) as z:
             images = z["x_test"]
         log("[3/3] merges")
         for n in counts:
             zoo = Zoo(cache, tasks_all[:n])
             ind = float(np.mean([individual[t] for t in zoo.tasks]))
-            plain = work / f"plain-{n}"
+            plain = work / f"plain-{n}"  # a plain model of this architecture, for the forward ratio
             for method in methods:
+                kept = carried(previous, n, method, zoo.tasks)
+                if kept is not None:
+                    rows.append(kept)
+                    log(f"  {n} tasks, {method}: carried over ({100 * kept['average']:.1f}, measured on {kept.get('machine', 'not recorded')})")
+                    continue
+                if not plain.exists():
+                    merge_measured(zoo, plain, ["--method", "task-arithmetic", "--lambda", 0.3])
                 label, flags = METHODS[method]
                 extra: dict = {}
                 if flags is None:
@@ -134,14 +173,13 @@ def run(counts: tuple[int, ...], methods: list[str], log: Callable[[str], None],
                 out = work / f"{method}-{n}"
                 args, seconds, rss = merge_measured(zoo, out, flags)
                 per_task = evaluate(out, zoo, zoo.tasks, work)
-                if method == "task-arithmetic":
-                    shutil.copytree(out, plain)  # a plain model of this architecture, for the forward ratio
                 average = float(np.mean(list(per_task.values())))
                 rows.append(
                     {
                         "n_tasks": n,
                         "method": method,
                         "label": label,
+                        "flags": method_flags(method),
                         "average": average,
                         "individual": ind,
                         "of_individual": average / ind,
@@ -151,27 +189,22 @@ def run(counts: tuple[int, ...], methods: list[str], log: Callable[[str], None],
                         "merge_seconds": seconds,
                         "peak_rss_mb": rss,
                         "size_vs_plain": round(output_bytes(out) / plain_size, 3),
-                        "forward_vs_plain": round(forward_ratio(out, plain, images), 3) if plain.exists() else None,
+                        "forward_vs_plain": round(forward_ratio(out, plain, images), 3),
                         "adapt_seconds_per_step": adaptation_per_step(out),
+                        "machine": machine,
                         **extra,
                     }
                 )
                 log(f"  {n} tasks, {method}: {100 * average:.1f} ({100 * average / ind:.1f}% of individual {100 * ind:.1f}), merge {seconds} s")
-                if method != "task-arithmetic":
-                    shutil.rmtree(out, ignore_errors=True)
+                shutil.rmtree(out, ignore_errors=True)
+                report["seconds"] = round(time.perf_counter() - started, 1)
+                if on_row is not None:
+                    on_row(report)
             shutil.rmtree(plain, ignore_errors=True)
-            shutil.rmtree(work / f"task-arithmetic-{n}", ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {
-        "rows": rows,
-        "counts": list(counts),
-        "methods": methods,
-        "individual_per_task": individual,
-        "plain_checkpoint_bytes": plain_size,
-        "seconds": round(time.perf_counter() - started, 1),
-        "machine": machine_description(),
-    }
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    return report
 
 
 def find(report: dict, n: int, method: str) -> dict | None:
@@ -217,6 +250,11 @@ def goals(report: dict) -> list[str]:
     return lines
 
 
+def _individual(report: dict, n: int) -> str:
+    r = next((r for r in report["rows"] if r["n_tasks"] == n), None)
+    return f"{100 * r['individual']:.1f}" if r else "-"
+
+
 def markdown(report: dict) -> str:
     counts, methods = report["counts"], report["methods"]
     label = {m: METHODS[m][0] for m in methods}
@@ -228,13 +266,14 @@ def markdown(report: dict) -> str:
         "",
         "| method | " + " | ".join(f"{n} tasks" for n in counts) + " |",
         "|---|" + "---|" * len(counts),
-        "| individual fine-tuned | " + " | ".join(f"{100 * find(report, n, methods[0])['individual']:.1f}" for n in counts) + " |",
+        "| individual fine-tuned | " + " | ".join(_individual(report, n) for n in counts) + " |",
     ]
     for m in methods:
         cells = []
         for n in counts:
             r = find(report, n, m)
-            cells.append(f"{100 * r['average']:.1f} ({100 * r['of_individual']:.1f}%)" if r else "-")
+            mark = " †" if r and r.get("carried") else ""
+            cells.append(f"{100 * r['average']:.1f} ({100 * r['of_individual']:.1f}%){mark}" if r else "-")
         lines.append(f"| {label[m]} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -257,7 +296,8 @@ def markdown(report: dict) -> str:
         "",
         "- The recommended configuration fits its task router instead of adapting (0 steps); its per-step column is empty.",
         "- Every merge's exact `wemoe merge` arguments are in scaling.json (key `args`; `<out>` is the run's scratch directory).",
-        f"- Machine: {report['machine']}. Run time: {report['seconds']} s.",
+        "- † carried over from an earlier run (same tasks and method flags; `--fresh` measures every row again); a row that was never measured is shown as -.",
+        f"- Machine: {report['machine']}. Run time of the last run: {report['seconds']} s.",
         "",
         "![scaling](scaling.png)",
     ]
@@ -301,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--counts", default=",".join(map(str, COUNTS)), help="numbers of tasks, comma-separated (default 8,14,20)")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--fresh", action="store_true", help="measure every row again instead of carrying rows of the last scaling.json over")
     args = ap.parse_args(argv)
     try:
         counts = tuple(sorted({int(c) for c in args.counts.split(",") if c}))
@@ -311,7 +352,9 @@ def main(argv: list[str] | None = None) -> None:
     if unknown or not methods or not counts or min(counts) < 2:
         ap.error(f"--methods: choose from {', '.join(METHODS)}" if unknown or not methods else "--counts: at least 2 tasks")
     os.environ.setdefault("TQDM_MININTERVAL", "5")
-    report = run(counts, methods, lambda m: print(m, flush=True))
+    last = args.results / "scaling.json"
+    previous = json.loads(last.read_text()) if last.exists() and not args.fresh else None
+    report = run(counts, methods, lambda m: print(m, flush=True), previous=previous, on_row=lambda r: write(r, args.results))
     write(report, args.results)
     print(markdown(report))
 

@@ -60,3 +60,16 @@ def test_bad_options_are_one_line_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_rows_are_carried_over_only_for_the_same_tasks_and_flags():
+    from benchmarks.scaling import carried, method_flags
+
+    row = {"n_tasks": 8, "method": "recommended", "tasks": ["a", "b"], "flags": method_flags("recommended"), "average": 0.9}
+    previous = {"rows": [row]}
+    assert carried(previous, 8, "recommended", ["a", "b"]) == {**row, "carried": True}
+    assert carried(previous, 8, "recommended", ["a", "c"]) is None
+    assert carried(previous, 14, "recommended", ["a", "b"]) is None
+    assert carried({"rows": [{**row, "flags": ["--method", "wemoe"]}]}, 8, "recommended", ["a", "b"]) is None
+    assert carried({"rows": [{**row, "method": "ties", "flags": None}]}, 8, "ties", ["a", "b"]) is not None  # lambda picked: no flags
+    assert carried(None, 8, "recommended", ["a", "b"]) is None
