@@ -235,9 +235,13 @@ def goals(report: dict) -> list[str]:
             others = {m: v for m, v in loss.items() if m in ("task-arithmetic", "wemoe-paper")}
             ok = all(loss["recommended"] < v for v in others.values())
             text = ", ".join(f"{m} {100 * v:.1f}" for m, v in others.items())
+            missing = [m for m in ("task-arithmetic", "wemoe-paper") if m not in others]
+            if missing:
+                text += f" ({', '.join(missing)} not measured yet: the goal cannot be judged)"
+                ok = False
             lines.append(
                 f"- Loss from {lo} to {hi} tasks (points of % of individual): recommended {100 * loss['recommended']:.1f} against {text}: "
-                + ("met (smaller than each)." if ok else "missed (not smaller than each).")
+                + ("met (smaller than each)." if ok else "not judged." if missing else "missed (not smaller than each).")
             )
         if rec:
             limit = 1 + 0.05 * hi
