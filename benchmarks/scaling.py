@@ -199,11 +199,21 @@ def run(
                 shutil.rmtree(out, ignore_errors=True)
                 report["seconds"] = round(time.perf_counter() - started, 1)
                 if on_row is not None:
-                    on_row(report)
+                    on_row(keep_other_rows({**report, "rows": list(rows)}, previous))
             shutil.rmtree(plain, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["seconds"] = round(time.perf_counter() - started, 1)
+    return keep_other_rows(report, previous)
+
+
+def keep_other_rows(report: dict, previous: dict | None) -> dict:
+    """The earlier run's rows of counts and methods this run did not cover, kept (a run of some rows adds to the file)."""
+    done = {(r["n_tasks"], r["method"]) for r in report["rows"]}
+    others = [{**r, "carried": True} for r in (previous or {}).get("rows", []) if (r["n_tasks"], r["method"]) not in done]
+    report["rows"] += others
+    report["counts"] = sorted({*report["counts"], *(r["n_tasks"] for r in others)})
+    report["methods"] = [m for m in METHODS if m in {*report["methods"], *(r["method"] for r in others)}]
     return report
 
 

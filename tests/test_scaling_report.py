@@ -73,3 +73,14 @@ def test_rows_are_carried_over_only_for_the_same_tasks_and_flags():
     assert carried({"rows": [{**row, "flags": ["--method", "wemoe"]}]}, 8, "recommended", ["a", "b"]) is None
     assert carried({"rows": [{**row, "method": "ties", "flags": None}]}, 8, "ties", ["a", "b"]) is not None  # lambda picked: no flags
     assert carried(None, 8, "recommended", ["a", "b"]) is None
+
+
+def test_a_run_of_some_rows_keeps_the_others():
+    from benchmarks.scaling import keep_other_rows
+
+    old = {"rows": [{"n_tasks": 8, "method": "ties", "average": 0.7}, {"n_tasks": 20, "method": "recommended", "average": 0.8}]}
+    new = {"rows": [{"n_tasks": 8, "method": "recommended", "average": 0.9}], "counts": [8], "methods": ["recommended"]}
+    kept = keep_other_rows(new, old)
+    assert [(r["n_tasks"], r["method"]) for r in kept["rows"]] == [(8, "recommended"), (8, "ties"), (20, "recommended")]
+    assert kept["counts"] == [8, 20] and kept["methods"] == ["ties", "recommended"]
+    assert keep_other_rows({"rows": [], "counts": [8], "methods": ["ties"]}, None)["rows"] == []
