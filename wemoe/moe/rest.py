@@ -75,8 +75,8 @@ class RoutedLinearSmall(nn.Module):
         if bias:
             self.register_buffer("bias", torch.empty(out_features))
             shapes["bias"] = (out_features,)
-        stack = TaskVectorStack(num_experts, shapes) if store is None else None
-        self.experts: TaskVectorStack | ExpertStore = stack or store.build(num_experts, in_features, out_features)
+        self.experts: TaskVectorStack | ExpertStore
+        self.experts = TaskVectorStack(num_experts, shapes) if store is None else store.build(num_experts, in_features, out_features)
 
     def forward(self, x: torch.Tensor, coefs: torch.Tensor | None = None) -> torch.Tensor:
         bias = self.bias if self.has_bias else None
@@ -121,8 +121,8 @@ class RoutedPatchEmbedding(nn.Module):
             self.register_buffer("bias", torch.empty(width))
             shapes["bias"] = (width,)
         # stored: the convolution as the linear map of each patch's 3 * patch * patch pixels (unfold's order is the weight's)
-        stack = TaskVectorStack(num_experts, shapes) if store is None else None
-        self.experts: TaskVectorStack | ExpertStore = stack or store.build(num_experts, 3 * patch * patch, width)
+        self.experts: TaskVectorStack | ExpertStore
+        self.experts = TaskVectorStack(num_experts, shapes) if store is None else store.build(num_experts, 3 * patch * patch, width)
 
     def forward(self, images: torch.Tensor, coefs: torch.Tensor | None = None) -> torch.Tensor:
         dtype = images.dtype
