@@ -75,8 +75,13 @@ def test_compressed_small_experts_forward_equals_the_per_sample_reference(setup,
     from wemoe.moe.reference import reference_forward
 
     _, _, _, _, data = setup
-    for name, extra in (("compressed", ()), ("compressed-int8", ("--expert-dtype", "int8"))):
-        out = merged(setup, capsys, name, "--expert-rank", RANK, "--small-experts", "compressed", *extra)
+    cases = (
+        ("compressed", ("--expert-rank", RANK)),
+        ("compressed-int8", ("--expert-rank", RANK, "--expert-dtype", "int8")),
+        ("compressed-sign-mask", ("--expert-store", "sign-mask", "--expert-density", "0.3")),
+    )
+    for name, extra in cases:
+        out = merged(setup, capsys, name, "--small-experts", "compressed", *extra)
         model = wemoe.load(out)
         images = preprocess(np.concatenate([load_data(data[f"t{t}"], "test").arrays[:2] for t in range(T)]), model.arch)
         with torch.no_grad():

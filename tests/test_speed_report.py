@@ -55,3 +55,13 @@ def test_result_files_are_named_by_machine(description: str, tag: str) -> None:
     from benchmarks.speed import machine_tag
 
     assert machine_tag(description) == tag
+
+
+def test_sign_mask_store_is_named_in_the_report() -> None:
+    from benchmarks.speed.report import config_label
+
+    r = _result(naive_vs_plain=20.0, wemoe_vs_plain=1.5)
+    r.update(routed="all", expert_store="sign-mask", expert_density=0.1, small_experts="compressed")
+    label = config_label(r)
+    assert "sign-mask store (density 0.1), compressed patch-embedding and projection experts" in label
+    assert label in report_md(r)

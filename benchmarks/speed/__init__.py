@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--expert-rank", default="full", help="wemoe --expert-rank: full or R")
     ap.add_argument("--expert-svd", default="exact", help="wemoe --expert-svd (with --expert-rank R): exact or randomized")
     ap.add_argument("--expert-dtype", default="float32", help="wemoe --expert-dtype (with --expert-rank R): float32 or int8")
-    ap.add_argument("--small-experts", default="whole", help="wemoe --small-experts (with --routed all and --expert-rank R): whole or compressed")
+    ap.add_argument("--small-experts", default="whole", help="wemoe --small-experts (with --routed all and a compressing store): whole or compressed")
+    ap.add_argument("--expert-store", default="auto", help="wemoe --expert-store: auto, dense, low-rank or sign-mask")
+    ap.add_argument("--expert-density", default="0.1", help="wemoe --expert-density (with --expert-store sign-mask)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--per-task", type=int, default=16)
     ap.add_argument("--naive-samples", type=int, default=2)
@@ -89,10 +91,13 @@ def main(argv: list[str] | None = None) -> None:
     base, tasks = stage_checkpoints(args.arch, args.experts, work)
     print("(a) merges", flush=True)
     wemoe_flags = ["--experts", args.routed, "--expert-rank", args.expert_rank, "--router", args.router]
+    sign_mask = args.expert_store == "sign-mask"
     if args.expert_rank != "full":
         wemoe_flags += ["--expert-svd", args.expert_svd, "--expert-dtype", args.expert_dtype]
-        if args.small_experts != "whole":
-            wemoe_flags += ["--small-experts", args.small_experts]
+    if sign_mask:
+        wemoe_flags += ["--expert-store", "sign-mask", "--expert-density", args.expert_density]
+    if (args.expert_rank != "full" or sign_mask) and args.small_experts != "whole":
+        wemoe_flags += ["--small-experts", args.small_experts]
     if args.router in ("task", "exemplar"):  # routers fitted on images: random ones, with random heads (speed only)
         wemoe_flags += fitting_inputs(work, len(tasks), args.arch) + ["--router-images", "32", "--steps", "0"]
     merges = stage_merges(base, tasks, work, args.threads, wemoe_flags)
@@ -114,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         "expert_svd": args.expert_svd,
         "expert_dtype": args.expert_dtype,
         "small_experts": args.small_experts,
+        **({"expert_store": "sign-mask", "expert_density": float(args.expert_density)} if sign_mask else {}),
         "batch": args.batch,
         "threads": args.threads,
         "device": "cpu",
@@ -148,7 +154,9 @@ def main(argv: list[str] | None = None) -> None:
         stem += f"_{args.expert_svd}-svd"
     if args.expert_rank != "full" and args.expert_dtype != "float32":
         stem += f"_{args.expert_dtype}"
-    if args.expert_rank != "full" and args.small_experts != "whole":
+    if sign_mask:
+        stem += f"_sign-mask-{float(args.expert_density):g}"
+    if (args.expert_rank != "full" or sign_mask) and args.small_experts != "whole":
         stem += f"_small-{args.small_experts}"
     stem += f"_{machine_tag(result['machine'])}"  # the same goal is judged on every CPU it was measured on
     md = report_md(result)

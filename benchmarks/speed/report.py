@@ -28,6 +28,8 @@ def config_label(r: dict) -> str:
         )
         if v and v != default
     )
+    if r.get("expert_store") == "sign-mask":
+        store = f", sign-mask store (density {r['expert_density']:g})" + store
     return f"{r['arch']}, {r['experts']} experts, batch {r['batch']}{experts}{store}" + (f", {router} router" if router != "mlp" else "")
 
 

@@ -46,9 +46,11 @@ def _check_small_experts(spec: MoESpec, arch: ViTArch) -> None:
     """``--small-experts compressed`` needs ``--experts all`` and factors that fit the patch embedding and the projection."""
     if not spec.rest:
         raise UsageError("--small-experts compressed applies to the patch embedding and projection that --experts all routes: add --experts all")
+    if spec.store.name == "dense":
+        raise UsageError("--small-experts compressed keeps them as the blocks' experts are kept: give --expert-rank R or --expert-store sign-mask")
     rank = getattr(spec.store, "rank", None)
-    if spec.store.name != "low-rank" or rank is None:
-        raise UsageError("--small-experts compressed keeps them as the blocks' experts are kept: give --expert-rank R")
+    if rank is None:
+        return
     sides = {"patch embedding": min(arch.width, 3 * arch.patch_size**2), **({"projection": min(arch.width, arch.embed_dim)} if arch.embed_dim else {})}
     for what, side in sides.items():
         if rank > side:
@@ -83,7 +85,7 @@ class WEMoE(MergeMethod):
         expert_store: str = component(
             EXPERT_STORES,
             "auto",
-            "how routed task vectors are kept: auto (dense for --expert-rank full, else low-rank), dense, low-rank",
+            "how routed task vectors are kept: auto (dense for --expert-rank full, else low-rank), dense, low-rank, sign-mask",
             extra_choices=("auto",),
         )
         small_experts: str = param(

@@ -5,6 +5,7 @@ from wemoe.moe.experts.base import EXPERT_STORES, ExpertStore, ExpertStoreKind, 
 # importing a kind's module registers it; this order is the CLI's
 from wemoe.moe.experts.dense import Dense, DenseExperts  # isort: skip
 from wemoe.moe.experts.low_rank import LowRank, LowRankExperts  # isort: skip
+from wemoe.moe.experts.sign_mask import SignMask, SignMaskExperts  # isort: skip
 from wemoe.moe.experts.svd import randomized_truncated_svd, truncated_svd
 
 
@@ -21,6 +22,8 @@ __all__ = [
     "ExpertStoreKind",
     "LowRank",
     "LowRankExperts",
+    "SignMask",
+    "SignMaskExperts",
     "TaskVectors",
     "store_from_record",
     "store_of_rank",

@@ -11,8 +11,9 @@ A store holds, for T tasks, the change fine-tuning made to one linear layer
 
 An :class:`ExpertStoreKind` (registered in :data:`EXPERT_STORES`, picked with
 ``--expert-store``) says how a merge fills a store from the task vectors and what
-of it the record keeps. Built in: ``dense`` (the paper's: every task vector whole)
-and ``low-rank`` (rank-R truncated SVD factors).
+of it the record keeps. Built in: ``dense`` (the paper's: every task vector whole),
+``low-rank`` (rank-R truncated SVD factors) and ``sign-mask`` (the largest entries' signs
+under one scale, with a bit mask).
 """
 
 from __future__ import annotations

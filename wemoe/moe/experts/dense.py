@@ -14,6 +14,30 @@ from wemoe.moe.experts.rank import RANK_HELP, parse_rank
 from wemoe.moe.kernels import DEFAULT_CHUNK_SIZE, DEFAULT_TILE_ROWS, contract_linear, expand_linear
 
 
+def per_sample_linear(
+    x: torch.Tensor,
+    coefs: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stack: torch.Tensor,
+    stack_bias: torch.Tensor,
+    expanding: bool,
+    chunk_size: int | None = None,
+    tile_rows: int | None = None,
+) -> torch.Tensor:
+    """``x_b @ (W0 + sum_t c_bt dW_t)^T + b0 + sum_t c_bt db_t`` by the tiled kernels, from a whole stack in their
+    layout: (T, out, in) for an ``expanding`` layer, (T, in, out) otherwise; a layer without bias passes None."""
+    xc = x.to(stack.dtype).contiguous()
+    if bias is None:
+        bias = stack_bias.new_zeros(stack_bias.shape[-1])
+    rows = stack.shape[1]
+    chunk = max(1, min(chunk_size or DEFAULT_CHUNK_SIZE, x.shape[0]))
+    tile = max(1, min(tile_rows or DEFAULT_TILE_ROWS, rows))
+    if expanding:
+        return expand_linear(xc, coefs, weight, stack, bias, stack_bias, chunk, tile)
+    return contract_linear(xc, coefs, weight.t().contiguous(), stack, bias, stack_bias, chunk, tile)
+
+
 class DenseExperts(ExpertStore):
     """Whole task vectors, merged per sample by the tiled kernels (``wemoe.moe.kernels``).
 
@@ -39,19 +63,8 @@ class DenseExperts(ExpertStore):
         """The expert stack in its stored layout."""
         return self.weight if self.expanding else self.weight_t
 
-    def _sizes(self, batch: int) -> tuple[int, int]:
-        rows = self.out_features if self.expanding else self.in_features
-        chunk = self.chunk_size or DEFAULT_CHUNK_SIZE
-        tile = self.tile_rows or DEFAULT_TILE_ROWS
-        return max(1, min(chunk, batch)), max(1, min(tile, rows))
-
     def apply(self, x: torch.Tensor, coefs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        dtype = self.stack.dtype
-        xc = x.to(dtype).contiguous()
-        chunk, tile = self._sizes(x.shape[0])
-        if self.expanding:
-            return expand_linear(xc, coefs, weight, self.weight, bias, self.bias, chunk, tile)
-        return contract_linear(xc, coefs, weight.t().contiguous(), self.weight_t, bias, self.bias, chunk, tile)
+        return per_sample_linear(x, coefs, weight, bias, self.stack, self.bias, self.expanding, self.chunk_size, self.tile_rows)
 
     def task_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.weight if self.expanding else self.weight_t.transpose(1, 2)), self.bias
@@ -94,4 +107,4 @@ class Dense(ExpertStoreKind):
         return {"rank": None}
 
 
-__all__ = ["Dense", "DenseExperts"]
+__all__ = ["Dense", "DenseExperts", "per_sample_linear"]
