@@ -126,3 +126,21 @@ def zoo(tmp: Path, kind: str = "open_clip", tasks: int = 3, prefix: str = "visua
     states = [perturbed(base, seed=10 + i) for i in range(tasks)]
     paths = [write(tmp / f"{kind}_task{i}.safetensors", s, meta) for i, s in enumerate(states)]
     return base_path, paths, base, states
+
+
+def tinted_tasks(tmp: Path, tasks: int = 3, images: int = 60, train: int = 40, seed: int = 2) -> tuple[Path, list[Path], dict, dict]:
+    """``tasks`` fine-tune-like copies of a base with heads and data, where task t's images have channel t brighter
+    (telling the tasks apart is learnable); returns the base, the task checkpoints, and heads and data by task name."""
+    import numpy as np
+
+    base, paths, _, _ = zoo(tmp, tasks=tasks)
+    rng = np.random.default_rng(seed)
+    heads, data = {}, {}
+    for t in range(tasks):
+        x = rng.integers(0, 120, (images, IMAGE, IMAGE, 3), dtype=np.uint8)
+        x[..., t] += 120
+        test = images - train
+        np.savez(tmp / f"tinted{t}.npz", x_train=x[:train], y_train=rng.integers(0, 4, train), x_test=x[train:], y_test=rng.integers(0, 4, test))
+        save_tensors(tmp / f"h{t}.safetensors", {"weight": torch.randn(4, EMBED, generator=torch.Generator().manual_seed(t))}, {"normalize": "true"})
+        heads[f"t{t}"], data[f"t{t}"] = tmp / f"h{t}.safetensors", tmp / f"tinted{t}.npz"
+    return base, paths, heads, data

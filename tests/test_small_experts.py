@@ -11,10 +11,10 @@ import torch
 import wemoe
 from wemoe.checkpoints.checkpoint import open_checkpoint
 from wemoe.data import load_data, preprocess
-from wemoe.io.safetensors_io import load_tensors, save_tensors
+from wemoe.io.safetensors_io import load_tensors
 
 from cli_helpers import assert_one_line_error, merge_cli, run_cli
-from factories import EMBED, PATCH, WIDTH, zoo
+from factories import EMBED, PATCH, WIDTH, tinted_tasks
 
 T, RANK = 3, 8
 
@@ -22,15 +22,7 @@ T, RANK = 3, 8
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("small")
-    base, tasks, _, _ = zoo(tmp, tasks=T)
-    rng = np.random.default_rng(5)
-    heads, data = {}, {}
-    for t in range(T):
-        x = rng.integers(0, 120, (40, 32, 32, 3), dtype=np.uint8)
-        x[..., t] += 120
-        np.savez(tmp / f"d{t}.npz", x_train=x[:30], y_train=rng.integers(0, 4, 30), x_test=x[30:], y_test=rng.integers(0, 4, 10))
-        save_tensors(tmp / f"h{t}.safetensors", {"weight": torch.randn(4, EMBED, generator=torch.Generator().manual_seed(t))}, {"normalize": "true"})
-        heads[f"t{t}"], data[f"t{t}"] = tmp / f"h{t}.safetensors", tmp / f"d{t}.npz"
+    base, tasks, heads, data = tinted_tasks(tmp, tasks=T, images=40, train=30, seed=5)
     return tmp, base, tasks, heads, data
 
 

@@ -10,10 +10,9 @@ import torch.nn.functional as F
 
 import wemoe
 from wemoe.data import load_data, preprocess
-from wemoe.io.safetensors_io import save_tensors
 
 from cli_helpers import assert_one_line_error, merge_cli, run_cli
-from factories import zoo
+from factories import tinted_tasks
 
 T = 3
 
@@ -22,15 +21,7 @@ T = 3
 def setup(tmp_path_factory):
     """Three tasks; task t's images have channel t brighter (so telling them apart is learnable)."""
     tmp = tmp_path_factory.mktemp("taskrouting")
-    base, tasks, base_state, states = zoo(tmp, tasks=T)
-    rng = np.random.default_rng(2)
-    heads, data = {}, {}
-    for t in range(T):
-        x = rng.integers(0, 120, (60, 32, 32, 3), dtype=np.uint8)
-        x[..., t] += 120
-        np.savez(tmp / f"tinted{t}.npz", x_train=x[:40], y_train=rng.integers(0, 4, 40), x_test=x[40:], y_test=rng.integers(0, 4, 20))
-        save_tensors(tmp / f"h{t}.safetensors", {"weight": torch.randn(4, 16, generator=torch.Generator().manual_seed(t))}, {"normalize": "true"})
-        heads[f"t{t}"], data[f"t{t}"] = tmp / f"h{t}.safetensors", tmp / f"tinted{t}.npz"
+    base, tasks, heads, data = tinted_tasks(tmp, tasks=T)
     return tmp, base, tasks, heads, data
 
 

@@ -29,6 +29,7 @@ from wemoe.core.arch import ViTArch
 from wemoe.core.params import param
 from wemoe.data import TaskData, preprocess
 from wemoe.errors import UsageError
+from wemoe.moe.routers.augment import AUGMENT_HELP, AUGMENTS, Views, augmenter
 from wemoe.moe.routers.base import ROUTERS, RouterCheck, RouterKind
 from wemoe.moe.routers.prototype import IMAGES_HELP, TEMPERATURE_HELP
 
@@ -74,14 +75,20 @@ class TaskRouter(nn.Module):
 
 
 @torch.no_grad()
-def task_features(model: Any, data: Mapping[str, TaskData], images: int, seed: int, device: str, batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """``router_features`` of up to ``images`` images per task (drawn with ``seed``) and the index of each one's task."""
+def task_features(
+    model: Any, data: Mapping[str, TaskData], images: int, seed: int, device: str, batch_size: int = 128, views: Views | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``router_features`` of up to ``images`` images per task (drawn with ``seed``) and the index of each one's task;
+    with ``views``, of one augmented view of each of those images instead (seeded per task and batch)."""
     rng = np.random.default_rng(seed)
     feats, labels = [], []
-    for task, d in data.items():
+    for t, (task, d) in enumerate(data.items()):
         idx = np.sort(rng.choice(len(d), size=min(images, len(d)), replace=False))
         for start in range(0, len(idx), batch_size):
-            feats.append(model.router_features(preprocess(d.take(idx[start : start + batch_size]), model.arch, device)).cpu())
+            raw = d.take(idx[start : start + batch_size])
+            if views is not None:
+                raw = views(raw, seed * 1_000_003 + t * 10_007 + start)
+            feats.append(model.router_features(preprocess(raw, model.arch, device)).cpu())
         labels += [model.task_names.index(task)] * len(idx)
     return torch.cat(feats), torch.tensor(labels)
 
@@ -136,6 +143,7 @@ class Task(RouterKind):
         images: int = param(256, IMAGES_HELP, key="router_images", low=1)
         hidden: int = param(256, "task routers: hidden units of the 2-layer MLP", key="router_hidden", low=1)
         epochs: int = param(30, "task routers: epochs of fitting on the adaptation images' features (at least 500 steps)", key="router_epochs", low=1)
+        augment: str = param("none", AUGMENT_HELP, key="router_augment", choices=AUGMENTS)
 
     def check(self, ctx: RouterCheck) -> None:
         missing = [t for t in ctx.task_names if t not in ctx.data_sizes]
@@ -147,12 +155,18 @@ class Task(RouterKind):
 
     def fit(self, model: Any, data: Mapping[str, TaskData], seed: int, device: str) -> dict:
         feats, labels = task_features(model, data, self.options.images, seed, device)
+        views = augmenter(self.options.augment)
+        if views is not None:  # each image once more, as an augmented view: the router sees both
+            more, again = task_features(model, data, self.options.images, seed, device, views=views)
+            feats, labels = torch.cat([feats, more]), torch.cat([labels, again])
         accuracy = train_classifier(model.task_router, feats, labels, self.options.epochs, seed)
         return {"images": len(labels), "train_accuracy": round(accuracy, 6)}
 
     def record(self) -> dict:
+        """The options; ``augment`` only where it is not ``none`` (records of routers fitted on clean images are unchanged)."""
         o = self.options
-        return {"temperature": o.temperature or None, "images": o.images, "hidden": o.hidden, "epochs": o.epochs}
+        extra = {"augment": o.augment} if o.augment != "none" else {}
+        return {"temperature": o.temperature or None, "images": o.images, "hidden": o.hidden, "epochs": o.epochs, **extra}
 
 
 __all__ = ["Task", "TaskRouter", "feature_size", "task_features", "train_classifier"]
