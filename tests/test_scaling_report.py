@@ -84,3 +84,17 @@ def test_a_run_of_some_rows_keeps_the_others():
     assert [(r["n_tasks"], r["method"]) for r in kept["rows"]] == [(8, "recommended"), (8, "ties"), (20, "recommended")]
     assert kept["counts"] == [8, 20] and kept["methods"] == ["ties", "recommended"]
     assert keep_other_rows({"rows": [], "counts": [8], "methods": ["ties"]}, None)["rows"] == []
+
+
+def test_a_missed_share_says_how_much_the_experts_and_the_routing_each_lose():
+    shares = {"task-arithmetic": {8: 0.80, 20: 0.70}, "recommended": {8: 0.98, 20: 0.90}}
+    r = report(shares)
+    for row in r["rows"]:
+        if row["method"] == "recommended":
+            row["own_expert_average"] = 0.8 * (0.99 if row["n_tasks"] == 8 else 0.94)
+            row["routing_accuracy"] = 0.98 if row["n_tasks"] == 8 else 0.91
+    text = "\n".join(goals(r))
+    assert "holds 94.0% of the individual models, so its experts lose 6.0 points and routing 4.0 more" in text
+    assert "names the right task for 8 tasks 98.0%, 20 tasks 91.0% of the test images" in text
+    met = {"task-arithmetic": {8: 0.80, 20: 0.70}, "recommended": {8: 0.98, 20: 0.96}}
+    assert "Measured why" not in "\n".join(goals(report(met)))
