@@ -46,7 +46,7 @@ def test_corruptions_do_what_their_names_say(images):
 
 def report(drops: dict[str, float]) -> dict:
     rows = []
-    for m in ["individual", *METHODS]:
+    for m in drops:
         rows.append({"method": m, "corruption": "clean", "average": 0.9})
         rows += [{"method": m, "corruption": c, "average": 0.9 - drops[m]} for c in CORRUPTIONS]
     return {"rows": rows, "corruptions": list(CORRUPTIONS), "machine": "test", "seconds": 1.0}
@@ -58,4 +58,14 @@ def test_report_states_the_goal_against_the_individual_models():
     assert mean_drop(r, "recommended") == pytest.approx(0.11)
     assert "11.0 against 10.0, met" in markdown(r)
     drops["recommended"] = 0.15
-    assert "15.0 against 10.0, missed by 3.0 points" in markdown(report(drops))
+    assert "15.0 against 10.0, missed by 3.00 points" in markdown(report(drops))
+
+
+def test_report_judges_the_augmix_row_too_and_reads_reports_without_it():
+    drops = {"individual": 0.10, "task-arithmetic": 0.2, "adamerging": 0.2, "wemoe-paper": 0.2, "recommended": 0.15}
+    assert "AugMix" not in markdown(report(drops))  # a report of an earlier run, without the opt-in row
+    drops["recommended-augmix"] = 0.115
+    md = markdown(report(drops))
+    assert "15.0 against 10.0, missed by 3.00 points" in md
+    assert "(`--router-augment augmix`, opt-in): 11.5 against 10.0, met; clean accuracy +0.0 points" in md
+    assert "recommended-augmix" in METHODS and "--router-augment" in METHODS["recommended-augmix"][1]
