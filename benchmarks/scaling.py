@@ -181,6 +181,7 @@ def run(
                     extra |= {
                         "routing_accuracy": float(np.mean([agnostic[t]["task_accuracy"] for t in zoo.tasks])),
                         "own_expert_average": float(np.mean([own[t] for t in zoo.tasks])),
+                        "predicted": {t: agnostic[t]["predicted"] for t in zoo.tasks},  # the routing confusion table, by rows
                     }
                 else:
                     per_task = evaluate(out, zoo, zoo.tasks, work)
@@ -286,8 +287,22 @@ def why_short(report: dict, rec: dict) -> str:
     return (
         f"Measured why: with each task's images sent to its own expert alone (not a method: it reads the task) the configuration "
         f"holds {100 * own:.1f}% of the individual models, so its experts lose {100 * (1 - own):.1f} points and routing "
-        f"{100 * (own - routed):.1f} more; its task router names the right task for {trend} of the test images."
+        f"{100 * (own - routed):.1f} more; its task router names the right task for {trend} of the test images." + confusions(rec)
     )
+
+
+def confusions(rec: dict, top: int = 5) -> str:
+    """The largest off-diagonal cells of the routing confusion table: which tasks' images go to which expert."""
+    predicted = rec.get("predicted")
+    if not predicted:
+        return ""
+    cells = []
+    for task, counts in predicted.items():
+        total = sum(counts.values()) or 1
+        cells += [(n / total, task, expert) for expert, n in counts.items() if expert != task and n]
+    cells.sort(reverse=True)
+    listed = "; ".join(f"{task} -> {expert} {100 * share:.0f}%" for share, task, expert in cells[:top])
+    return f" Most confused (images of -> expert): {listed}." if listed else ""
 
 
 def _individual(report: dict, n: int) -> str:

@@ -93,7 +93,9 @@ def test_a_missed_share_says_how_much_the_experts_and_the_routing_each_lose():
         if row["method"] == "recommended":
             row["own_expert_average"] = 0.8 * (0.99 if row["n_tasks"] == 8 else 0.94)
             row["routing_accuracy"] = 0.98 if row["n_tasks"] == 8 else 0.91
+            row["predicted"] = {"a": {"a": 90, "b": 10}, "b": {"a": 30, "b": 70}}
     text = "\n".join(goals(r))
+    assert "Most confused (images of -> expert): b -> a 30%; a -> b 10%." in text
     assert "holds 94.0% of the individual models, so its experts lose 6.0 points and routing 4.0 more" in text
     assert "names the right task for 8 tasks 98.0%, 20 tasks 91.0% of the test images" in text
     met = {"task-arithmetic": {8: 0.80, 20: 0.70}, "recommended": {8: 0.98, 20: 0.96}}
