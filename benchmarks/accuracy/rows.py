@@ -41,6 +41,14 @@ def task_router(images: int = 3000) -> list:
 
 
 TASK_ROUTER = task_router()
+
+
+def sign_mask_all(density: float) -> list:
+    """Every weight routed, kept by the sign-mask store at ``density``, a task router (the sign-mask rows)."""
+    store = ["--expert-store", "sign-mask", "--expert-density", density, "--small-experts", "compressed"]
+    return ["--method", "wemoe", "--experts", "all", *store, *TASK_ROUTER, *ADAPT]
+
+
 ALL_16 = ["--experts", "all", "--expert-rank", 16]
 PAPER = ("WEMoE, the paper's: MLP experts, 2-layer routers, entropy, test-time adaptation", ["--method", "wemoe", "--steps", 100, "--lr", ADAPT_LR, *ADAPT])
 BEST = (
@@ -82,38 +90,9 @@ EXTENDED_WEMOE = {
     "wemoe-all-sign-mask": (
         "task router, every weight routed, each task vector's largest 10% of entries as signs under one scale (--expert-store sign-mask; "
         "against wemoe-all-dense)",
-        [
-            "--method",
-            "wemoe",
-            "--experts",
-            "all",
-            "--expert-store",
-            "sign-mask",
-            "--expert-density",
-            0.1,
-            "--small-experts",
-            "compressed",
-            *TASK_ROUTER,
-            *ADAPT,
-        ],
+        sign_mask_all(0.1),
     ),
-    "wemoe-all-sign-mask-30": (
-        "as wemoe-all-sign-mask, keeping the largest 30% of entries (--expert-density 0.3)",
-        [
-            "--method",
-            "wemoe",
-            "--experts",
-            "all",
-            "--expert-store",
-            "sign-mask",
-            "--expert-density",
-            0.3,
-            "--small-experts",
-            "compressed",
-            *TASK_ROUTER,
-            *ADAPT,
-        ],
-    ),
+    "wemoe-all-sign-mask-30": ("as wemoe-all-sign-mask, keeping the largest 30% of entries (--expert-density 0.3)", sign_mask_all(0.3)),
     "wemoe-block-routers": BLOCK_ROUTERS,
     "wemoe-straight-through": (
         "WEMoE paper row with the straight-through coefficient guard (gradient kept past a bound)",

@@ -101,11 +101,6 @@ class SignMaskExperts(ExpertStore):
         return f"experts={self.num_experts}, in={self.in_features}, out={self.out_features}, sign-mask density={self.density:g}"
 
 
-def _check_density(value: float) -> None:
-    if not 0.0 < float(value) <= 1.0:
-        raise WemoeError(f"--expert-density must be in (0, 1], got {value}")
-
-
 @EXPERT_STORES.register
 class SignMask(ExpertStoreKind):
     name = "sign-mask"
@@ -114,7 +109,7 @@ class SignMask(ExpertStoreKind):
     @dataclass(frozen=True)
     class Options:
         rank: str = param("full", RANK_HELP, key="expert_rank", check=parse_rank)
-        density: float = param(0.1, DENSITY_HELP, key="expert_density", low=0.0, high=1.0, low_open=True, check=_check_density)
+        density: float = param(0.1, DENSITY_HELP, key="expert_density", low=0.0, high=1.0, low_open=True)
 
     def check(self, arch) -> None:
         if parse_rank(self.options.rank) is not None:

@@ -79,18 +79,20 @@ def task_features(
     model: Any, data: Mapping[str, TaskData], images: int, seed: int, device: str, batch_size: int = 128, views: Views | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``router_features`` of up to ``images`` images per task (drawn with ``seed``) and the index of each one's task;
-    with ``views``, of one augmented view of each of those images instead (seeded per task and batch)."""
+    with ``views``, followed by those of one augmented view of each image (seeded per task and batch; each image read once)."""
     rng = np.random.default_rng(seed)
-    feats, labels = [], []
+    feats, augmented, labels = [], [], []
     for t, (task, d) in enumerate(data.items()):
         idx = np.sort(rng.choice(len(d), size=min(images, len(d)), replace=False))
         for start in range(0, len(idx), batch_size):
             raw = d.take(idx[start : start + batch_size])
-            if views is not None:
-                raw = views(raw, seed * 1_000_003 + t * 10_007 + start)
             feats.append(model.router_features(preprocess(raw, model.arch, device)).cpu())
+            if views is not None:
+                view = views(raw, seed * 1_000_003 + t * 10_007 + start)
+                augmented.append(model.router_features(preprocess(view, model.arch, device)).cpu())
         labels += [model.task_names.index(task)] * len(idx)
-    return torch.cat(feats), torch.tensor(labels)
+    copies = 2 if views is not None else 1
+    return torch.cat(feats + augmented), torch.tensor(labels * copies)
 
 
 def train_classifier(router: TaskRouter, feats: torch.Tensor, labels: torch.Tensor, epochs: int, seed: int, lr: float = 1e-3, batch: int = 128) -> float:
@@ -154,11 +156,8 @@ class Task(RouterKind):
         return TaskRouter(feature_size(arch), num_experts, self.options.hidden, self.options.temperature or DEFAULT_TEMPERATURE)
 
     def fit(self, model: Any, data: Mapping[str, TaskData], seed: int, device: str) -> dict:
-        feats, labels = task_features(model, data, self.options.images, seed, device)
-        views = augmenter(self.options.augment)
-        if views is not None:  # each image once more, as an augmented view: the router sees both
-            more, again = task_features(model, data, self.options.images, seed, device, views=views)
-            feats, labels = torch.cat([feats, more]), torch.cat([labels, again])
+        # with --router-augment, each image once more as an augmented view: the router sees both
+        feats, labels = task_features(model, data, self.options.images, seed, device, views=augmenter(self.options.augment))
         accuracy = train_classifier(model.task_router, feats, labels, self.options.epochs, seed)
         return {"images": len(labels), "train_accuracy": round(accuracy, 6)}
 
